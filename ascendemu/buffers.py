@@ -1,0 +1,200 @@
+"""Local buffers (L1, L0A, L0B, L0C, BiasTable, Fixpipe buffer, UB) and `LocalTensor`.
+
+A buffer is a byte array (none in timing-only mode) with a bump allocator, a capacity and
+an alignment rule from the spec. A `LocalTensor` is a typed, shaped view at a byte offset
+in one buffer; its `.array` is a NumPy view of the bytes, so every instruction reads and
+writes the real buffer contents, and reinterpreting a tensor is exact.
+"""
+from __future__ import annotations
+
+import enum
+
+import numpy as np
+
+from .errors import AlignmentError, AllocationError, BoundsError, PhantomError, fmt_bytes
+from .numerics import as_dtype, dtype_name
+
+
+class TPosition(enum.Enum):
+    """Ascend C `TPosition`; `.buffer` is the memory it lives in [TPosition.md]."""
+
+    GM = "GM"
+    VECIN = "VECIN"
+    VECOUT = "VECOUT"
+    VECCALC = "VECCALC"
+    A1 = "A1"
+    B1 = "B1"
+    C1 = "C1"
+    TSCM = "TSCM"
+    A2 = "A2"
+    B2 = "B2"
+    CO1 = "CO1"
+    C2 = "C2"
+    C2PIPE2GM = "C2PIPE2GM"
+    CO2 = "CO2"
+
+    @property
+    def buffer(self) -> str:
+        return _POSITION_BUFFER[self]
+
+
+_POSITION_BUFFER = {
+    TPosition.GM: "GM", TPosition.CO2: "GM",
+    TPosition.VECIN: "UB", TPosition.VECOUT: "UB", TPosition.VECCALC: "UB",
+    TPosition.A1: "L1", TPosition.B1: "L1", TPosition.C1: "L1", TPosition.TSCM: "L1",
+    TPosition.A2: "L0A", TPosition.B2: "L0B", TPosition.CO1: "L0C",
+    TPosition.C2: "BT", TPosition.C2PIPE2GM: "FB",
+}
+
+
+# Buffer kind → (spec capacity field, spec alignment field, core kind that owns it)
+BUFFER_KINDS = {
+    "UB": ("ub_bytes", "ub_align_bytes", "aiv"),
+    "L1": ("l1_bytes", "l1_align_bytes", "aic"),
+    "L0A": ("l0a_bytes", "l0a_align_bytes", "aic"),
+    "L0B": ("l0b_bytes", "l0b_align_bytes", "aic"),
+    "L0C": ("l0c_bytes", "l0c_align_bytes", "aic"),
+    "BT": ("bias_table_bytes", "bias_table_align_bytes", "aic"),
+    "FB": ("fixpipe_buffer_bytes", "fixpipe_buffer_align_bytes", "aic"),
+}
+
+# Poison bytes for fresh allocations: NaN for floats, 0xBE for integers.
+_POISON = {"float32": np.array([0x7FC00000], np.uint32).view(np.uint8),
+           "float16": np.array([0x7E00], np.uint16).view(np.uint8),
+           "bfloat16": np.array([0x7FC0], np.uint16).view(np.uint8)}
+INT_POISON_BYTE = 0xBE
+
+
+def poison(data: np.ndarray, dtype: np.dtype) -> None:
+    """Fill a byte array with the poison pattern of `dtype` (NaN for floats, 0xBE for integers)."""
+    pat = _POISON.get(dtype_name(dtype))
+    if pat is None:
+        data.fill(INT_POISON_BYTE)
+    else:
+        n = len(pat)
+        data[: len(data) - len(data) % n].view(pat.view(dtype).dtype)[...] = pat.view(dtype)[0]
+        if len(data) % n:
+            data[len(data) - len(data) % n:] = INT_POISON_BYTE
+
+
+class LocalBuffer:
+    """One on-core buffer: capacity, alignment, bump allocator and (when functional) its bytes."""
+
+    def __init__(self, kind: str, capacity: int, align: int, functional: bool, where: str):
+        self.kind, self.capacity, self.align = kind, capacity, align
+        self.where = where  # e.g. "AIV 3"
+        self.top = 0
+        self.data = np.full(capacity, INT_POISON_BYTE, np.uint8) if functional else None
+
+    def alloc(self, shape, dtype, *, zero: bool = False, align: int | None = None) -> "LocalTensor":
+        """Allocate a tensor; fresh memory is poisoned unless `zero`."""
+        dt = as_dtype(dtype)
+        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+        if any(s < 0 for s in shape):
+            raise BoundsError(f"negative shape {shape}", where=f"{self.where} · {self.kind}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        a = max(self.align, align or 1)
+        off = -(-self.top // a) * a
+        if off + nbytes > self.capacity:
+            raise AllocationError(
+                f"allocation of {fmt_bytes(nbytes)} ({shape} {dtype_name(dt)}) exceeds {self.kind} "
+                f"({fmt_bytes(self.capacity)}; {fmt_bytes(self.top)} in use)", where=f"{self.where} · {self.kind}")
+        self.top = off + nbytes
+        if self.data is not None:
+            region = self.data[off:off + nbytes]
+            region.fill(0) if zero else poison(region, dt)
+        return LocalTensor(self, off, dt, shape)
+
+    def reset(self) -> None:
+        """Free every allocation (Ascend C `TPipe::Reset`)."""
+        self.top = 0
+
+    def check_aligned(self, offset: int, align: int, what: str, where: str) -> None:
+        if offset % align:
+            raise AlignmentError(
+                f"{what}: {self.kind} address {offset:#x} is not {align} B aligned", where=where)
+
+
+class LocalTensor:
+    """A typed view of `shape` at byte `offset` in one local buffer (Ascend C `LocalTensor<T>`)."""
+
+    __slots__ = ("buffer", "offset", "dtype", "shape", "size", "nbytes")
+
+    def __init__(self, buffer: LocalBuffer, offset: int, dtype: np.dtype, shape: tuple):
+        self.buffer, self.offset, self.dtype, self.shape = buffer, offset, dtype, shape
+        self.size = int(np.prod(shape, dtype=np.int64))
+        self.nbytes = self.size * dtype.itemsize
+
+    @property
+    def kind(self) -> str:
+        return self.buffer.kind
+
+    @property
+    def is_global(self) -> bool:
+        return False
+
+    @property
+    def array(self) -> np.ndarray:
+        """The tensor's bytes as a NumPy view of `dtype` and `shape` (functional mode only)."""
+        if self.buffer.data is None:
+            raise PhantomError(f"{self.kind} tensor has no data in timing-only mode", where=self.buffer.where)
+        return self.buffer.data[self.offset:self.offset + self.nbytes].view(self.dtype).reshape(self.shape)
+
+    def flat_view(self, start: int, count: int) -> np.ndarray:
+        """Elements [start, start+count) of the buffer seen as this tensor's dtype, from the tensor's base."""
+        b = self.offset + start * self.dtype.itemsize
+        return self.buffer.data[b:b + count * self.dtype.itemsize].view(self.dtype)
+
+    def numpy(self) -> np.ndarray:
+        return self.array.copy()
+
+    def __getitem__(self, key) -> "LocalTensor":
+        off, shape = _index(self.shape, key, f"{self.buffer.where} · {self.kind}")
+        return LocalTensor(self.buffer, self.offset + off * self.dtype.itemsize, self.dtype, shape)
+
+    def reshape(self, shape) -> "LocalTensor":
+        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+        if int(np.prod(shape, dtype=np.int64)) != self.size:
+            raise BoundsError(f"cannot reshape {self.shape} ({self.size} elements) to {shape}",
+                              where=f"{self.buffer.where} · {self.kind}")
+        return LocalTensor(self.buffer, self.offset, self.dtype, shape)
+
+    def reinterpret_cast(self, dtype) -> "LocalTensor":
+        """The same bytes seen as another dtype (Ascend C `ReinterpretCast<T>()`)."""
+        dt = as_dtype(dtype)
+        if self.nbytes % dt.itemsize:
+            raise BoundsError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements",
+                              where=f"{self.buffer.where} · {self.kind}")
+        return LocalTensor(self.buffer, self.offset, dt, (self.nbytes // dt.itemsize,))
+
+    def __repr__(self) -> str:
+        return f"LocalTensor({self.kind}@{self.offset:#x}, {self.shape}, {dtype_name(self.dtype)})"
+
+
+def _index(shape: tuple, key, where: str):
+    """Element offset and shape of a contiguous sub-view: int or step-1 slice on leading axes."""
+    if not isinstance(key, tuple):
+        key = (key,)
+    if len(key) > len(shape):
+        raise BoundsError(f"too many indices {key} for shape {shape}", where=where)
+    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+    off, out = 0, []
+    for ax, k in enumerate(key):
+        n = shape[ax]
+        if isinstance(k, slice):
+            start, stop, step = k.indices(n)
+            if step != 1 or (k.start is not None and not -n <= k.start <= n) or \
+                    (k.stop is not None and not -n <= k.stop <= n):
+                raise BoundsError(f"slice {k} of axis {ax} (length {n}) is out of bounds or strided", where=where)
+            if ax + 1 < len(key) and any(not (isinstance(kk, slice) and kk == slice(None)) for kk in key[ax + 1:]) \
+                    and stop - start != n:
+                raise BoundsError(f"index {key} of shape {shape} is not contiguous", where=where)
+            off += start * strides[ax]
+            out.append(max(0, stop - start))
+        else:
+            i = int(k)
+            if not -n <= i < n:
+                raise BoundsError(f"index {i} is out of bounds for axis {ax} with length {n}", where=where)
+            off += (i % n) * strides[ax]
+    out.extend(shape[len(key):])
+    return off, tuple(out)

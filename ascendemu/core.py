@@ -1,0 +1,297 @@
+"""One AI core (an AIC or an AIV) and the context `ctx` that a kernel runs on.
+
+The scalar unit issues every instruction in program order into its pipe's in-order queue
+(`_issue`). An instruction starts when the scalar has issued it, its pipe is free, its
+queue had room and every flag it waits on is set; it then occupies its pipe for the
+spec's cycles. Data work happens at issue, in program order: for a race-free kernel that
+gives the same bytes as any legal hardware order, and the race checker proves freedom.
+
+`CoreContext` combines the per-unit instruction sets (dma, vector, cube, fixpipe) with
+sync and scalar instructions. Instruction names follow Ascend C in snake_case.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from .buffers import BUFFER_KINDS, LocalBuffer, LocalTensor, TPosition
+from .checks import Checks
+from .cube import CubeInstructions
+from .dma import DmaInstructions
+from .errors import BoundsError, DTypeError, EmulatorError, ParamError, SyncError, caller_line
+from .fixpipe import FixpipeInstructions
+from .numerics import as_dtype, dtype_name
+from .pipes import CORE_PIPES, LEGAL_EVENTS, N_PIPES, HardEvent, Pipe
+from .race import RaceChecker
+from .spec import Spec
+from .tpipe import TPipe
+from .vector import VectorInstructions
+
+
+class CoreStats:
+    """What a core did: busy cycles per pipe, bytes per data path, cube ops, trace events."""
+
+    def __init__(self):
+        self.busy = [0] * N_PIPES
+        self.bytes = {}  # path name ("GM->UB", …) → bytes
+        self.cube_ops = 0  # 2·m·n·k per Mmad (useful work, unpadded)
+        self.cube_ops_by_dtype = {}
+        self.vector_elems = 0
+        self.instructions = 0
+        self.events = []  # (pipe, start, duration, name)
+        self.end = 0
+
+
+class Core:
+    """Machine state of one core during one launch."""
+
+    def __init__(self, kind: str, index: int, spec: Spec, checks: Checks, functional: bool, gm,
+                 label: str | None = None, start: int = 0, stats: CoreStats | None = None):
+        self.kind, self.index, self.spec, self.checks, self.functional = kind, index, spec, checks, functional
+        self.gm = gm
+        self.label = label or f"{kind.upper()} {index}"
+        self.buffers = {k: LocalBuffer(k, getattr(spec, cap), getattr(spec, al), functional, self.label)
+                        for k, (cap, al, owner) in BUFFER_KINDS.items() if owner == kind}
+        self.pipes = CORE_PIPES[kind]
+        self.scalar_t = start
+        self.pipe_free = [start] * N_PIPES
+        self.queues = [deque(maxlen=spec.queue_depth) for _ in range(N_PIPES)]
+        self.flags = {}  # (HardEvent, id) → (time, clock, SourceLine)
+        self.race = RaceChecker(self.label) if checks.race else None
+        self.stats = stats or CoreStats()
+        self.atomic = None  # dtype of SetAtomicAdd, or None
+        self.tpipes = []
+        self._event_ids = {}  # HardEvent → ids handed out by TPipe
+
+    def alloc_event_id(self, event: HardEvent) -> int:
+        """An event id for a TQue slot, from the top down (Ascend C `AllocEventID`)."""
+        used = self._event_ids.setdefault(event, set())
+        for i in range(self.spec.max_flag_id, -1, -1):
+            if i not in used:
+                used.add(i)
+                return i
+        raise SyncError(f"no free event id for {event.name}: all {self.spec.max_flag_id + 1} are taken by TQue slots",
+                        where=self.label)
+
+    # --- the issue model -----------------------------------------------------------------
+    def issue(self, name: str, pipe: Pipe, cycles: int, reads=(), writes=(), not_before: int = 0) -> int:
+        """Issue one instruction; returns its start cycle. reads/writes: (buffer, start, end)."""
+        if pipe not in self.pipes:
+            raise EmulatorError(f"{name} runs on {pipe.name}, which an {self.kind.upper()} does not have",
+                                where=self.label)
+        line = caller_line()
+        p = int(pipe)
+        t = self.scalar_t
+        q = self.queues[p]
+        if len(q) == q.maxlen and q[0] > t:  # queue full: the scalar stalls until the oldest entry starts
+            t = q[0]
+        if p == Pipe.PIPE_S:
+            start = max(t, not_before)
+            self.scalar_t = start + cycles
+        else:
+            start = max(t, self.pipe_free[p], not_before)
+            self.scalar_t = t + self.spec.scalar_issue_cycles
+        end = start + cycles
+        self.pipe_free[p] = max(self.pipe_free[p], end)
+        q.append(start)
+        st = self.stats
+        st.busy[p] += cycles
+        st.instructions += 1
+        if end > st.end:
+            st.end = end
+        if self.checks.trace:
+            st.events.append((p, start, cycles, name))
+        if self.race is not None:
+            stamp = self.race.tick(p)
+            for buf, lo, hi in reads:
+                self.race.access(buf, lo, hi, False, p, stamp, name, line)
+            for buf, lo, hi in writes:
+                self.race.access(buf, lo, hi, True, p, stamp, name, line)
+        return start
+
+    def count_bytes(self, path: str, nbytes: int) -> None:
+        self.stats.bytes[path] = self.stats.bytes.get(path, 0) + nbytes
+
+    # --- helpers for the instruction sets ----------------------------------------------------
+    def local(self, t, kinds, what: str) -> LocalTensor:
+        """Check that `t` is a LocalTensor of this core in one of `kinds`."""
+        if not isinstance(t, LocalTensor):
+            raise DTypeError(f"{what} must be a LocalTensor in {'/'.join(kinds)}, got {type(t).__name__}",
+                             where=self.label)
+        if t.kind not in kinds:
+            raise ParamError(f"{what} is in {t.kind}; expected {'/'.join(kinds)}", where=self.label)
+        if self.buffers.get(t.kind) is not t.buffer:
+            raise ParamError(f"{what} belongs to {t.buffer.where}, not to {self.label}", where=self.label)
+        return t
+
+    def span(self, t, first: int, last_end: int, what: str):
+        """Byte region (buffer, start, end) of elements [first, last_end) of `t`, bounds-checked."""
+        if first < 0 or last_end > t.size:
+            raise BoundsError(f"{what} touches elements [{first}, {last_end}) of a {t.size}-element "
+                              f"{t.kind} tensor {t.shape}", where=self.label)
+        isz = t.dtype.itemsize
+        return (t.buffer, t.offset + first * isz, t.offset + last_end * isz)
+
+    def end_of_kernel(self) -> None:
+        for tp in self.tpipes:
+            tp.destroy()
+        if self.checks.flag_balance and self.flags:
+            left = ", ".join(f"{ev.name}[{i}] (set at {ln.short if ln else '?'})"
+                             for (ev, i), (_, _, ln) in self.flags.items())
+            raise SyncError(f"kernel ended with flags set but never waited on: {left}", where=self.label)
+
+    @property
+    def end_time(self) -> int:
+        return max(self.stats.end, self.scalar_t)
+
+
+class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, FixpipeInstructions):
+    """`ctx`: what a kernel sees. Block indices, buffers, and every instruction as a method."""
+
+    def __init__(self, core: Core, block_idx: int, block_num: int, sub_block_idx: int = 0):
+        self._core = core
+        self.block_idx, self.block_num, self.sub_block_idx = block_idx, block_num, sub_block_idx
+        self.spec = core.spec
+        self.kind = core.kind
+        self.functional = core.functional
+        self.mask_mode_counter = False
+        self.vector_mask = None
+
+    # --- Ascend C system variables --------------------------------------------------------
+    def get_block_idx(self) -> int:
+        return self.block_idx
+
+    def get_block_num(self) -> int:
+        return self.block_num
+
+    def get_sub_block_idx(self) -> int:
+        return self.sub_block_idx
+
+    def get_task_ratio(self) -> int:
+        return 1 if self.kind == "aic" else 2
+
+    @property
+    def is_aic(self) -> bool:
+        return self.kind == "aic"
+
+    @property
+    def is_aiv(self) -> bool:
+        return self.kind == "aiv"
+
+    # --- buffers ------------------------------------------------------------------------------
+    def _buffer(self, kind: str) -> LocalBuffer:
+        b = self._core.buffers.get(kind)
+        if b is None:
+            raise EmulatorError(f"an {self.kind.upper()} has no {kind}; its buffers are "
+                                f"{', '.join(self._core.buffers)}", where=self._core.label)
+        return b
+
+    ub = property(lambda self: self._buffer("UB"))
+    l1 = property(lambda self: self._buffer("L1"))
+    l0a = property(lambda self: self._buffer("L0A"))
+    l0b = property(lambda self: self._buffer("L0B"))
+    l0c = property(lambda self: self._buffer("L0C"))
+    bt = property(lambda self: self._buffer("BT"))
+    fb = property(lambda self: self._buffer("FB"))
+
+    def buffer(self, position: TPosition) -> LocalBuffer:
+        return self._buffer(position.buffer)
+
+    def tpipe(self) -> TPipe:
+        """A TPipe for this core: `pipe.init_buffer(que, num, nbytes)`, TQue, TBuf."""
+        return TPipe(self)
+
+    # --- intra-core synchronisation ------------------------------------------------------------
+    def _event(self, event: HardEvent, event_id: int, what: str):
+        core = self._core
+        if not isinstance(event, HardEvent):
+            raise ParamError(f"{what}: expected a HardEvent, got {event!r}", where=core.label)
+        if event not in LEGAL_EVENTS[self.kind]:
+            legal = ", ".join(sorted(e.name for e in LEGAL_EVENTS[self.kind]))
+            raise ParamError(f"{what}: HardEvent.{event.name} is not legal on an {self.kind.upper()}; legal: {legal}",
+                             where=core.label)
+        if not 0 <= int(event_id) <= self.spec.max_flag_id:
+            raise ParamError(f"{what}: event id {event_id} is outside 0..{self.spec.max_flag_id}", where=core.label)
+        return (event, int(event_id))
+
+    def set_flag(self, event: HardEvent, event_id: int = 0) -> None:
+        """`SetFlag<HardEvent::SRC_DST>(id)`: runs on SRC after its earlier work; sets a 1-bit flag."""
+        core = self._core
+        key = self._event(event, event_id, "set_flag")
+        if key in core.flags:
+            _, _, ln = core.flags[key]
+            raise SyncError(f"set_flag({event.name}, {event_id}) while it is already set (at "
+                            f"{ln.short if ln else '?'}) and not yet waited on: undefined on hardware",
+                            where=core.label)
+        start = core.issue(f"set_flag {event.name}[{event_id}]", event.src, 0)
+        clock = core.race.snapshot(int(event.src)) if core.race else None
+        core.flags[key] = (start + self.spec.flag_latency_cycles, clock, caller_line())
+
+    def wait_flag(self, event: HardEvent, event_id: int = 0) -> None:
+        """`WaitFlag<HardEvent::SRC_DST>(id)`: blocks DST until the flag is set, then clears it."""
+        core = self._core
+        key = self._event(event, event_id, "wait_flag")
+        if key not in core.flags:
+            raise SyncError(f"wait_flag({event.name}, {event_id}) has no earlier set_flag: it would hang on hardware",
+                            where=core.label)
+        t, clock, _ = core.flags.pop(key)
+        if core.race:
+            core.race.merge(int(event.dst), clock)
+        core.issue(f"wait_flag {event.name}[{event_id}]", event.dst, 0, not_before=t)
+
+    def pipe_barrier(self, pipe: Pipe) -> None:
+        """`PipeBarrier<pipe>()`. PIPE_ALL: every pipe drains before anything later starts.
+
+        A single pipe already runs its instructions one after another in this model, so a
+        one-pipe barrier only costs its issue slot.
+        """
+        core = self._core
+        if not isinstance(pipe, Pipe):
+            raise ParamError(f"pipe_barrier: expected a Pipe, got {pipe!r}", where=core.label)
+        if pipe == Pipe.PIPE_ALL:
+            t = max([core.scalar_t] + [core.pipe_free[int(p)] for p in core.pipes])
+            core.issue("pipe_barrier ALL", Pipe.PIPE_S, 0, not_before=t)
+            for p in core.pipes:
+                core.pipe_free[int(p)] = max(core.pipe_free[int(p)], core.scalar_t)
+            if core.race:
+                core.race.barrier_all()
+        else:
+            core.issue(f"pipe_barrier {pipe.short}", pipe, 0)
+
+    # --- scalar access to local memory (PIPE_S) ----------------------------------------------
+    def get_value(self, tensor: LocalTensor, index: int):
+        """`tensor.GetValue(i)`: a scalar read on PIPE_S."""
+        core = self._core
+        t = core.local(tensor, tuple(core.buffers), "get_value tensor")
+        i = int(index)
+        core.issue("get_value", Pipe.PIPE_S, self.spec.scalar_access_cycles, reads=[core.span(t, i, i + 1, "get_value")])
+        if not self.functional:
+            return 0
+        return t.flat_view(i, 1)[0].item() if t.dtype.kind in "iu" else float(t.flat_view(i, 1)[0])
+
+    def set_value(self, tensor: LocalTensor, index: int, value) -> None:
+        """`tensor.SetValue(i, v)`: a scalar write on PIPE_S."""
+        core = self._core
+        t = core.local(tensor, tuple(core.buffers), "set_value tensor")
+        i = int(index)
+        core.issue("set_value", Pipe.PIPE_S, self.spec.scalar_access_cycles, writes=[core.span(t, i, i + 1, "set_value")])
+        if self.functional:
+            t.flat_view(i, 1)[0] = np.asarray(value).astype(t.dtype) if t.dtype.kind in "iu" else \
+                np.float64(value).astype(np.float32).astype(t.dtype)
+
+    # --- atomics ----------------------------------------------------------------------------------
+    def set_atomic_add(self, dtype) -> None:
+        """`SetAtomicAdd<T>()`: later moves into GM read-add-write in `dtype` [SetAtomicAdd.md]."""
+        dt = as_dtype(dtype)
+        allowed = ("int8", "int16", "float16", "bfloat16", "int32", "float32")
+        if dtype_name(dt) not in allowed:
+            raise DTypeError(f"set_atomic_add: {dtype_name(dt)} is not supported; use one of {', '.join(allowed)}",
+                             where=self._core.label)
+        self._core.issue("set_atomic_add", Pipe.PIPE_S, 1)
+        self._core.atomic = dt
+
+    def disable_dma_atomic(self) -> None:
+        """`DisableDmaAtomic()`: moves into GM overwrite again."""
+        self._core.issue("disable_dma_atomic", Pipe.PIPE_S, 1)
+        self._core.atomic = None

@@ -1,0 +1,89 @@
+"""The race checker: vector clocks over the pipes of one core.
+
+Each pipe P keeps a vector clock VC[P] (one counter per pipe). An instruction on P ticks
+VC[P][P] and stamps its accesses with that value. `set_flag` captures VC[SRC]; `wait_flag`
+merges it into VC[DST]; `pipe_barrier(PIPE_ALL)` merges all clocks; a scalar instruction
+finishes before anything after it issues, so its clock flows into every pipe. An earlier
+access A (pipe P, stamp c) is ordered before the current instruction on pipe Q when P == Q
+(a pipe runs in order) or VC[Q][P] ≥ c. Two accesses to overlapping bytes of one buffer,
+at least one a write, on different pipes and not ordered, are a race.
+
+Regions are byte ranges [start, end); a strided access is checked by its bounding range
+(conservative). History is pruned: an access fully covered by a later write that is
+ordered after it can never be the only witness of a race, nor can a read covered by a
+later read of the same pipe.
+"""
+from __future__ import annotations
+
+from .errors import RaceError
+from .pipes import N_PIPES, Pipe
+
+
+class Access:
+    __slots__ = ("pipe", "stamp", "start", "end", "write", "name", "line")
+
+    def __init__(self, pipe, stamp, start, end, write, name, line):
+        self.pipe, self.stamp, self.start, self.end = pipe, stamp, start, end
+        self.write, self.name, self.line = write, name, line
+
+    def describe(self, kind: str) -> str:
+        rw = "writes" if self.write else "reads"
+        where = f" at {self.line.short}" if self.line else ""
+        text = f"{self.name} on {Pipe(self.pipe).name} {rw} {kind}[{self.start:#x}, {self.end:#x}){where}"
+        src = self.line.text.strip() if self.line else ""
+        return text + (f"\n        {src}" if src else "")
+
+
+class RaceChecker:
+    def __init__(self, where: str):
+        self.where = where
+        self.vc = [[0] * N_PIPES for _ in range(N_PIPES)]
+        self.history: dict[int, list[Access]] = {}  # id(buffer) → accesses
+
+    # --- clocks --------------------------------------------------------------------------
+    def tick(self, pipe: int) -> int:
+        v = self.vc[pipe]
+        v[pipe] += 1
+        if pipe == Pipe.PIPE_S:  # the scalar finishes before later instructions issue
+            for q in range(N_PIPES):
+                if q != pipe:
+                    row = self.vc[q]
+                    row[pipe] = v[pipe]
+        return v[pipe]
+
+    def snapshot(self, pipe: int) -> list[int]:
+        return list(self.vc[pipe])
+
+    def merge(self, pipe: int, clock: list[int]) -> None:
+        row = self.vc[pipe]
+        for i in range(N_PIPES):
+            if clock[i] > row[i]:
+                row[i] = clock[i]
+
+    def barrier_all(self) -> None:
+        top = [max(self.vc[p][i] for p in range(N_PIPES)) for i in range(N_PIPES)]
+        for p in range(N_PIPES):
+            self.vc[p] = list(top)
+
+    # --- accesses ------------------------------------------------------------------------
+    def access(self, buffer, start: int, end: int, write: bool, pipe: int, stamp: int, name: str, line) -> None:
+        if end <= start:
+            return
+        hist = self.history.setdefault(id(buffer), [])
+        row = self.vc[pipe]
+        keep = []
+        for a in hist:
+            if a.start < end and start < a.end and a.pipe != pipe and (a.write or write) and row[a.pipe] < a.stamp:
+                new = Access(pipe, stamp, start, end, write, name, line)
+                lo, hi = max(a.start, start), min(a.end, end)
+                raise RaceError(
+                    f"race on {buffer.kind}[{lo:#x}, {hi:#x}): no flag, barrier or queue operation orders\n"
+                    f"    earlier: {a.describe(buffer.kind)}\n    later:   {new.describe(buffer.kind)}",
+                    where=f"{self.where} · {buffer.kind}", line=line)
+            covered = start <= a.start and a.end <= end
+            ordered = a.pipe == pipe or row[a.pipe] >= a.stamp
+            if covered and ordered and (write or (not a.write and a.pipe == pipe)):
+                continue
+            keep.append(a)
+        keep.append(Access(pipe, stamp, start, end, write, name, line))
+        self.history[id(buffer)] = keep
