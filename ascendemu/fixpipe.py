@@ -124,7 +124,7 @@ class FixpipeInstructions:
         words = None
         if mode in _VECTOR:
             words = qwords.flat_view(0, n).copy()
-        elif mode in _MODES:
+        elif mode in (QuantMode.DEQF16, QuantMode.REQ8, QuantMode.QF322B8_PRE):
             words = int(p.deq_scalar)
         out = fixpipe_convert(np.ascontiguousarray(acc), mode, words=words, relu=p.relu_en)
         if out.dtype != dst.dtype:
