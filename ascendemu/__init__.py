@@ -22,7 +22,8 @@ Layers: ascendemu.ops (kernels) → ascendemu (this machine) → ascendemu.layou
 from . import spec
 from .buffers import LocalBuffer, LocalTensor, TPosition
 from .checks import Checks
-from .die import Die, Recording
+from .cluster import Cluster, ClusterReport
+from .die import CoreSet, Die, Event, Recording, Stream
 from .errors import (AlignmentError, AllocationError, BoundsError, DeadlockError, DTypeError, EmulatorError,
                      ParamError, PhantomError, RaceError, SyncError)
 from .gm import GlobalMemory, GlobalTensor
@@ -37,7 +38,7 @@ from .tpipe import TBuf, TPipe, TQue
 from .vector import CMPMODE, MASK_PLACEHOLDER, SELMODE, ReduceOrder
 
 __all__ = [
-    "spec", "Spec", "Die", "Recording", "Report", "Checks", "kernel", "Kernel",
+    "spec", "Spec", "Die", "Recording", "Cluster", "ClusterReport", "CoreSet", "Stream", "Event", "Report", "Checks", "kernel", "Kernel",
     "LocalBuffer", "LocalTensor", "GlobalMemory", "GlobalTensor", "TPosition", "TPipe", "TQue", "TBuf",
     "HardEvent", "Pipe", "PIPE_S", "PIPE_V", "PIPE_M", "PIPE_MTE1", "PIPE_MTE2", "PIPE_MTE3", "PIPE_FIX", "PIPE_ALL",
     "DataCopyParams", "DataCopyExtParams", "DataCopyPadExtParams", "Nd2NzParams", "LoadData2DParams", "MmadParams",

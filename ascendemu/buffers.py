@@ -11,7 +11,7 @@ import enum
 
 import numpy as np
 
-from .errors import AlignmentError, AllocationError, BoundsError, PhantomError, fmt_bytes
+from .errors import AlignmentError, AllocationError, BoundsError, DTypeError, PhantomError, fmt_bytes
 from .numerics import as_dtype, dtype_name
 
 
@@ -80,8 +80,9 @@ def poison(data: np.ndarray, dtype: np.dtype) -> None:
 class LocalBuffer:
     """One on-core buffer: capacity, alignment, bump allocator and (when functional) its bytes."""
 
-    def __init__(self, kind: str, capacity: int, align: int, functional: bool, where: str):
+    def __init__(self, kind: str, capacity: int, align: int, functional: bool, where: str, poison: bool = True):
         self.kind, self.capacity, self.align = kind, capacity, align
+        self.poison = poison  # Checks.poison: without it, fresh allocations keep the buffer's old bytes
         self.where = where  # e.g. "AIV 3"
         self.top = 0
         self.data = np.full(capacity, INT_POISON_BYTE, np.uint8) if functional else None
@@ -102,7 +103,10 @@ class LocalBuffer:
         self.top = off + nbytes
         if self.data is not None:
             region = self.data[off:off + nbytes]
-            region.fill(0) if zero else poison(region, dt)
+            if zero:
+                region.fill(0)
+            elif self.poison:
+                poison(region, dt)
         return LocalTensor(self, off, dt, shape)
 
     def reset(self) -> None:
@@ -163,7 +167,7 @@ class LocalTensor:
         """The same bytes seen as another dtype (Ascend C `ReinterpretCast<T>()`)."""
         dt = as_dtype(dtype)
         if self.nbytes % dt.itemsize:
-            raise BoundsError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements",
+            raise DTypeError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements",
                               where=f"{self.buffer.where} · {self.kind}")
         return LocalTensor(self.buffer, self.offset, dt, (self.nbytes // dt.itemsize,))
 
@@ -172,29 +176,42 @@ class LocalTensor:
 
 
 def _index(shape: tuple, key, where: str):
-    """Element offset and shape of a contiguous sub-view: int or step-1 slice on leading axes."""
+    """Element offset and shape of a contiguous sub-view: ints and step-1 slices on leading axes.
+
+    The view must be one contiguous run of the row-major tensor: every axis before the last
+    partially-indexed one must be narrowed to one element (an int, or a slice of length 1).
+    `t[1:3]`, `t[2, 4:8]` and `t[0:1, 4:8]` are views; `t[:, 0]` and `t[:, 1:3]` are not.
+    """
     if not isinstance(key, tuple):
         key = (key,)
     if len(key) > len(shape):
         raise BoundsError(f"too many indices {key} for shape {shape}", where=where)
     strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
-    off, out = 0, []
+    off, out, extent = 0, [], []
     for ax, k in enumerate(key):
         n = shape[ax]
         if isinstance(k, slice):
-            start, stop, step = k.indices(n)
-            if step != 1 or (k.start is not None and not -n <= k.start <= n) or \
-                    (k.stop is not None and not -n <= k.stop <= n):
-                raise BoundsError(f"slice {k} of axis {ax} (length {n}) is out of bounds or strided", where=where)
-            if ax + 1 < len(key) and any(not (isinstance(kk, slice) and kk == slice(None)) for kk in key[ax + 1:]) \
-                    and stop - start != n:
-                raise BoundsError(f"index {key} of shape {shape} is not contiguous", where=where)
+            if k.step not in (None, 1):
+                raise BoundsError(f"slice {k} of axis {ax} is strided: only step-1 slices make a view", where=where)
+            if (k.start is not None and not -n <= k.start <= n) or (k.stop is not None and not -n <= k.stop <= n):
+                raise BoundsError(f"slice {k} of axis {ax} (length {n}) is out of bounds", where=where)
+            start, stop, _ = k.indices(n)
+            count = max(0, stop - start)
             off += start * strides[ax]
-            out.append(max(0, stop - start))
-        else:
+            out.append(count)
+            extent.append(count)
+        elif isinstance(k, (int, np.integer)) and not isinstance(k, bool):
             i = int(k)
             if not -n <= i < n:
                 raise BoundsError(f"index {i} is out of bounds for axis {ax} with length {n}", where=where)
             off += (i % n) * strides[ax]
+            extent.append(1)
+        else:
+            raise BoundsError(f"index {k!r} of axis {ax}: only ints and step-1 slices make a view", where=where)
     out.extend(shape[len(key):])
+    extent.extend(shape[len(key):])
+    partial = [ax for ax, e in enumerate(extent) if e != shape[ax]]
+    if partial and 0 not in extent and any(e > 1 for e in extent[:partial[-1]]):
+        raise BoundsError(f"index {key} of shape {shape} is not contiguous: axes before the last narrowed one "
+                          f"must be narrowed to one element", where=where)
     return off, tuple(out)

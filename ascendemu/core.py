@@ -17,6 +17,7 @@ import numpy as np
 
 from .buffers import BUFFER_KINDS, LocalBuffer, LocalTensor, TPosition
 from .checks import Checks
+from .crosscore import CrossCoreInstructions
 from .cube import CubeInstructions
 from .dma import DmaInstructions
 from .errors import BoundsError, DTypeError, EmulatorError, ParamError, SyncError, caller_line
@@ -24,6 +25,7 @@ from .fixpipe import FixpipeInstructions
 from .numerics import as_dtype, dtype_name
 from .pipes import CORE_PIPES, LEGAL_EVENTS, N_PIPES, HardEvent, Pipe
 from .race import RaceChecker
+from .remote import RemoteInstructions
 from .spec import Spec
 from .tpipe import TPipe
 from .vector import VectorInstructions
@@ -47,22 +49,39 @@ class Core:
     """Machine state of one core during one launch."""
 
     def __init__(self, kind: str, index: int, spec: Spec, checks: Checks, functional: bool, gm,
-                 label: str | None = None, start: int = 0, stats: CoreStats | None = None):
+                 label: str | None = None, start: int = 0, stats: CoreStats | None = None, env=None):
         self.kind, self.index, self.spec, self.checks, self.functional = kind, index, spec, checks, functional
         self.gm = gm
+        self.env = env  # the launch this core runs in (die, scheduler, HBM, cross-core state); None when standalone
+        self.task = None  # its scheduler task
         self.label = label or f"{kind.upper()} {index}"
-        self.buffers = {k: LocalBuffer(k, getattr(spec, cap), getattr(spec, al), functional, self.label)
-                        for k, (cap, al, owner) in BUFFER_KINDS.items() if owner == kind}
         self.pipes = CORE_PIPES[kind]
+        self.stats = stats or CoreStats()
+        self.queues = [deque(maxlen=spec.queue_depth) for _ in range(N_PIPES)]
         self.scalar_t = start
         self.pipe_free = [start] * N_PIPES
-        self.queues = [deque(maxlen=spec.queue_depth) for _ in range(N_PIPES)]
+        self._fresh()
+
+    def _fresh(self) -> None:
+        """Buffers, flags and checker state of a new block (the timeline carries on)."""
+        spec, checks = self.spec, self.checks
+        self.buffers = {k: LocalBuffer(k, getattr(spec, cap), getattr(spec, al), self.functional, self.label,
+                                       poison=checks.poison)
+                        for k, (cap, al, owner) in BUFFER_KINDS.items() if owner == self.kind}
         self.flags = {}  # (HardEvent, id) → (time, clock, SourceLine)
         self.race = RaceChecker(self.label) if checks.race else None
-        self.stats = stats or CoreStats()
         self.atomic = None  # dtype of SetAtomicAdd, or None
         self.tpipes = []
         self._event_ids = {}  # HardEvent → ids handed out by TPipe
+        self.remote_floor = 0  # fence: later remote writes arrive no earlier than this
+        self.remote_last = 0  # arrival of this core's latest remote write
+
+    def reset_for_next_block(self) -> None:
+        """A later round of blocks on this core starts when the previous one has finished."""
+        t = self.end_time
+        self.scalar_t = t
+        self.pipe_free = [t] * N_PIPES
+        self._fresh()
 
     def alloc_event_id(self, event: HardEvent) -> int:
         """An event id for a TQue slot, from the top down (Ascend C `AllocEventID`)."""
@@ -75,13 +94,21 @@ class Core:
                         where=self.label)
 
     # --- the issue model -----------------------------------------------------------------
-    def issue(self, name: str, pipe: Pipe, cycles: int, reads=(), writes=(), not_before: int = 0) -> int:
-        """Issue one instruction; returns its start cycle. reads/writes: (buffer, start, end)."""
+    def issue(self, name: str, pipe: Pipe, cycles: int, reads=(), writes=(), not_before: int = 0,
+              gm: tuple | None = None, xfer=None) -> int:
+        """Issue one instruction; returns its start cycle. reads/writes: (buffer, start, end).
+
+        gm = (head, charged_bytes, per-core rate): a transfer through the die's HBM, whose data
+        phase shares the HBM bandwidth with every other core (see bandwidth.py); `cycles` is
+        then ignored. xfer(start) -> end: any other shared-resource transfer (the network)."""
         if pipe not in self.pipes:
             raise EmulatorError(f"{name} runs on {pipe.name}, which an {self.kind.upper()} does not have",
                                 where=self.label)
         line = caller_line()
         p = int(pipe)
+        env = self.env
+        if (gm is not None or xfer is not None) and env is not None:
+            env.sched.yield_if_behind()
         t = self.scalar_t
         q = self.queues[p]
         if len(q) == q.maxlen and q[0] > t:  # queue full: the scalar stalls until the oldest entry starts
@@ -92,6 +119,14 @@ class Core:
         else:
             start = max(t, self.pipe_free[p], not_before)
             self.scalar_t = t + self.spec.scalar_issue_cycles
+        if gm is not None:
+            head, nbytes, rate = gm
+            if env is not None:
+                cycles = env.hbm.transfer(start + head, nbytes, rate) - start
+            else:
+                cycles = head + -(-nbytes // rate)
+        elif xfer is not None:
+            cycles = xfer(start) - start
         end = start + cycles
         self.pipe_free[p] = max(self.pipe_free[p], end)
         q.append(start)
@@ -143,10 +178,15 @@ class Core:
 
     @property
     def end_time(self) -> int:
-        return max(self.stats.end, self.scalar_t)
+        return max([self.scalar_t] + [self.pipe_free[int(p)] for p in self.pipes])
+
+    def clock(self) -> int:
+        """The cycle at which the scalar unit issues next (the scheduler's ordering key)."""
+        return self.scalar_t
 
 
-class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, FixpipeInstructions):
+class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, FixpipeInstructions, CrossCoreInstructions,
+                  RemoteInstructions):
     """`ctx`: what a kernel sees. Block indices, buffers, and every instruction as a method."""
 
     def __init__(self, core: Core, block_idx: int, block_num: int, sub_block_idx: int = 0):

@@ -36,6 +36,8 @@ LOAD_PATHS = {
     ("GM", "L0A"): (Pipe.PIPE_MTE2, "gm_read_bytes_per_cycle"),
     ("GM", "L0B"): (Pipe.PIPE_MTE2, "gm_read_bytes_per_cycle"),
 }
+PAD_PATHS = {("GM", "UB"): PATHS[("GM", "UB")], ("GM", "L1"): PATHS[("GM", "L1")],
+             ("UB", "GM"): PATHS[("UB", "GM")]}
 _NO_PATH = {
     ("L0C", "UB"): "L0C→UB does not exist on 910B/910C (950 only); use fixpipe to GM",
     ("L1", "UB"): "L1→UB does not exist on 910B/910C; go through GM",
@@ -55,6 +57,9 @@ class DmaInstructions:
     # --- plumbing ----------------------------------------------------------------------------
     def _operand(self, t, what: str):
         core = self._core
+        if not isinstance(t, (GlobalTensor, LocalTensor)):
+            raise DTypeError(f"{what} must be a GlobalTensor or a LocalTensor, got {type(t).__name__}",
+                             where=core.label)
         if isinstance(t, GlobalTensor):
             if t.gm is not core.gm:
                 raise ParamError(f"{what} is in another die's GM", where=core.label)
@@ -131,6 +136,9 @@ class DmaInstructions:
         L1→BT/FB), or `DataCopy(dst_l1, src_gm, Nd2NzParams)` (ND→NZ). Without a count, the whole of
         `src` is copied. A count whose bytes are not a multiple of 32 is an error (the hardware would
         round it down): use data_copy_pad."""
+        if not isinstance(count_or_params, Nd2NzParams) and all(
+                isinstance(t, (GlobalTensor, LocalTensor)) for t in (src, dst)):
+            self._path(src, dst, PATHS, "data_copy")  # first, so UB→L1 / L0C→UB say why they do not exist
         src = self._operand(src, "data_copy source")
         dst = self._operand(dst, "data_copy destination")
         if isinstance(count_or_params, Nd2NzParams):
@@ -168,8 +176,11 @@ class DmaInstructions:
         the padding holds `padding_value`, otherwise those bytes are left as they were.
         UB→GM: exactly `block_len` bytes of each block land in GM."""
         core = self._core
+        if all(isinstance(t, (GlobalTensor, LocalTensor)) for t in (src, dst)):
+            self._path(src, dst, PAD_PATHS, "data_copy_pad")  # before the ownership checks (see data_copy)
         src = self._operand(src, "data_copy_pad source")
         dst = self._operand(dst, "data_copy_pad destination")
+        key = (src.kind, dst.kind)
         if src.dtype != dst.dtype:
             raise DTypeError(f"data_copy_pad does not convert: {dtype_name(src.dtype)} → {dtype_name(dst.dtype)}",
                              where=core.label)
@@ -181,7 +192,6 @@ class DmaInstructions:
         if p.block_len % sz:
             raise AlignmentError(f"data_copy_pad: block_len {p.block_len} B is not a whole number of "
                                  f"{dtype_name(src.dtype)} elements", where=core.label)
-        key = (src.kind, dst.kind)
         if key in (("GM", "UB"), ("GM", "L1")):
             self._check_align(dst, BLK, "data_copy_pad destination")
             lp, rp = pad.left_padding * sz, pad.right_padding * sz
@@ -208,8 +218,7 @@ class DmaInstructions:
             self._move("data_copy_pad", PATHS[key], src, dst, blocks, p.block_len, ub_block + p.src_stride * BLK,
                        p.block_len + p.dst_stride)
         else:
-            raise ParamError(f"data_copy_pad: no {key[0]}→{key[1]} path; supported: GM→UB, GM→L1, UB→GM",
-                             where=core.label)
+            raise AssertionError(key)  # PAD_PATHS lists exactly the branches above
 
     # --- ND → NZ into L1 ---------------------------------------------------------------------------
     def _nd2nz(self, dst, src, p: Nd2NzParams) -> None:

@@ -23,8 +23,9 @@ class _Allocation:
 class GlobalMemory:
     """One die's GM: `empty`, `zeros`, `from_numpy`, `free`."""
 
-    def __init__(self, capacity: int, align: int, functional: bool, where: str = "GM"):
+    def __init__(self, capacity: int, align: int, functional: bool, where: str = "GM", poison: bool = True):
         self.capacity, self.align, self.functional, self.where = capacity, align, functional, where
+        self.poison = poison  # Checks.poison: without it, fresh GM is zeroed
         self.in_use = 0
         self._next = 0x1000_0000  # virtual address of the next allocation
 
@@ -47,7 +48,10 @@ class GlobalMemory:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
         a = self._alloc(nbytes)
         if a.data is not None:
-            a.data.fill(0) if zero else poison(a.data, dt)
+            if zero or not self.poison:
+                a.data.fill(0)
+            else:
+                poison(a.data, dt)
         return GlobalTensor(self, a, 0, dt, shape)
 
     def zeros(self, shape, dtype) -> "GlobalTensor":

@@ -2,11 +2,19 @@
 
 Each pipe P keeps a vector clock VC[P] (one counter per pipe). An instruction on P ticks
 VC[P][P] and stamps its accesses with that value. `set_flag` captures VC[SRC]; `wait_flag`
-merges it into VC[DST]; `pipe_barrier(PIPE_ALL)` merges all clocks; a scalar instruction
-finishes before anything after it issues, so its clock flows into every pipe. An earlier
-access A (pipe P, stamp c) is ordered before the current instruction on pipe Q when P == Q
-(a pipe runs in order) or VC[Q][P] ≥ c. Two accesses to overlapping bytes of one buffer,
-at least one a write, on different pipes and not ordered, are a race.
+merges it into VC[DST]; `pipe_barrier(PIPE_ALL)` merges all clocks. An earlier access A
+(pipe P, stamp c) is ordered before the current instruction on pipe Q when P == Q (a pipe
+runs in order) or VC[Q][P] ≥ c. Two accesses to overlapping bytes of one buffer, at least
+one a write, on different pipes and not ordered, are a race.
+
+The scalar pipe S issues everything, which gives it two special rules:
+- a wait_flag whose destination is S blocks the scalar, so nothing later is even issued
+  before the flag's source work is done: its clock merges into every pipe;
+- a scalar read (GetValue) completes before the scalar issues anything else, so a later
+  write by any pipe is ordered after it (assumption: loads are blocking).
+A scalar *write* (SetValue) is not seen by other pipes until an S_V / S_MTE2 / S_MTE3
+flag orders it, as in Ascend C; and a scalar read of data another pipe wrote needs that
+pipe's V_S / MTE2_S / MTE3_S flag.
 
 Regions are byte ranges [start, end); a strided access is checked by its bounding range
 (conservative). History is pruned: an access fully covered by a later write that is
@@ -44,21 +52,19 @@ class RaceChecker:
     def tick(self, pipe: int) -> int:
         v = self.vc[pipe]
         v[pipe] += 1
-        if pipe == Pipe.PIPE_S:  # the scalar finishes before later instructions issue
-            for q in range(N_PIPES):
-                if q != pipe:
-                    row = self.vc[q]
-                    row[pipe] = v[pipe]
         return v[pipe]
 
     def snapshot(self, pipe: int) -> list[int]:
         return list(self.vc[pipe])
 
     def merge(self, pipe: int, clock: list[int]) -> None:
-        row = self.vc[pipe]
-        for i in range(N_PIPES):
-            if clock[i] > row[i]:
-                row[i] = clock[i]
+        """A wait_flag on `pipe` for a flag that captured `clock`. A wait on the scalar blocks issue,
+        so every pipe learns the clock."""
+        for q in (range(N_PIPES) if pipe == Pipe.PIPE_S else (pipe,)):
+            row = self.vc[q]
+            for i in range(N_PIPES):
+                if clock[i] > row[i]:
+                    row[i] = clock[i]
 
     def barrier_all(self) -> None:
         top = [max(self.vc[p][i] for p in range(N_PIPES)) for i in range(N_PIPES)]
@@ -73,7 +79,8 @@ class RaceChecker:
         row = self.vc[pipe]
         keep = []
         for a in hist:
-            if a.start < end and start < a.end and a.pipe != pipe and (a.write or write) and row[a.pipe] < a.stamp:
+            if a.start < end and start < a.end and a.pipe != pipe and (a.write or write) and row[a.pipe] < a.stamp \
+                    and (a.write or a.pipe != Pipe.PIPE_S):  # a scalar read is done before later issue
                 new = Access(pipe, stamp, start, end, write, name, line)
                 lo, hi = max(a.start, start), min(a.end, end)
                 raise RaceError(
@@ -81,7 +88,7 @@ class RaceChecker:
                     f"    earlier: {a.describe(buffer.kind)}\n    later:   {new.describe(buffer.kind)}",
                     where=f"{self.where} · {buffer.kind}", line=line)
             covered = start <= a.start and a.end <= end
-            ordered = a.pipe == pipe or row[a.pipe] >= a.stamp
+            ordered = a.pipe == pipe or row[a.pipe] >= a.stamp or (a.pipe == Pipe.PIPE_S and not a.write)
             if covered and ordered and (write or (not a.write and a.pipe == pipe)):
                 continue
             keep.append(a)

@@ -33,6 +33,9 @@ class Report:
     cycles: int
     cores: list
     functional: bool
+    start: int = 0  # the cycle (on its stream) at which the launch began
+    hbm_peak_bytes_per_s: float = 0.0
+    die_index: int = 0
 
     @property
     def time_us(self) -> float:
@@ -55,6 +58,15 @@ class Report:
     def hbm_bytes(self) -> int:
         return sum(v for k, v in self.bytes.items() if "GM" in k.split("->"))
 
+    @property
+    def hbm_gbps(self) -> float:
+        """Achieved HBM bandwidth: GM bytes moved over the launch's time."""
+        return self.hbm_bytes / (self.time_us * 1e-6) / 1e9 if self.cycles else 0.0
+
+    @property
+    def hbm_pct_of_peak(self) -> float:
+        return 100 * self.hbm_gbps * 1e9 / self.hbm_peak_bytes_per_s if self.hbm_peak_bytes_per_s else 0.0
+
     def utilisation(self, pipe: str, core: int = 0) -> float:
         """Busy fraction of `pipe` ("M", "V", "MTE2", …) on core `core` over the whole launch."""
         c = self.cores[core]
@@ -69,13 +81,16 @@ class Report:
             lines.append(f"  {c.label:<7} {c.instructions:>6} instr  {pipes}")
         for k, v in sorted(self.bytes.items()):
             lines.append(f"  bytes {k:<9} {v:>12}")
+        if self.hbm_bytes and self.cycles:
+            lines.append(f"  HBM {self.hbm_gbps:.1f} GB/s = {self.hbm_pct_of_peak:.1f}% of the die's peak")
         if self.flops:
             lines.append(f"  cube ops {self.flops}  ({self.flops / (self.time_us * 1e6) if self.cycles else 0:.2f} TOPS)")
         return "\n".join(lines)
 
-    def trace_events(self, pid: int = 0, pid_name: str = "die 0") -> list:
+    def trace_events(self, pid: int | None = None, pid_name: str | None = None) -> list:
         """Chrome trace events: one process per die, one thread (track) per pipe per core."""
-        ev = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": pid_name}}]
+        pid = self.die_index if pid is None else pid
+        ev = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": pid_name or f"die {pid}"}}]
         us = 1.0 / self.clock_mhz
         for ci, c in enumerate(self.cores):
             for p in CORE_PIPES[c.kind]:
@@ -84,7 +99,7 @@ class Report:
                            "args": {"name": f"{c.label} {Pipe(p).short}"}})
             for p, start, dur, name in c.events:
                 ev.append({"name": name, "ph": "X", "pid": pid, "tid": ci * N_PIPES + p,
-                           "ts": start * us, "dur": dur * us})
+                           "ts": (start - self.start) * us, "dur": dur * us})
         return ev
 
     def write_trace(self, path) -> None:

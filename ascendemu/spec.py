@@ -115,6 +115,40 @@ class Spec:
         865, "⚠ third-party ~1.6 TB/s per die (3.2 TB/s per package) ÷ 1.85 GHz; shared by all cores")
     l2_bytes: int = param(192 * MIB, "[INI] l2_size; L2 hits are not modelled (assumption)")
 
+    # --- many cores at once (the whole die) ---------------------------------------------
+    bandwidth_window_cycles: int = param(
+        64, "assumption: granularity of shared-bandwidth accounting (bandwidth.py); a model choice, not hardware")
+    cross_core_flag_latency_cycles: int = param(
+        32, "assumption: CrossCoreSetFlag → CrossCoreWaitFlag latency between cores (unpublished, §18)")
+    cross_core_counter_max: int = param(15, "[CrossCoreSetFlag_ISASI.md; CATLASS] a cross-core flag counter holds at most 15")
+    max_cross_core_flag_id: int = param(15, "[CrossCoreSetFlag_ISASI.md] flag ids 0–15 ⚠ the arch page says 0–10; API page chosen")
+    sync_all_latency_cycles: int = param(64, "assumption: SyncAll release latency after the last core arrives (unpublished)")
+
+    # --- the cluster: packages, nodes, Unified Bus, RDMA, SDMA ([CMD] = cloudmatrix-design.md §1) --
+    dies_per_package: int = param(2, "[CMD §1] one 910C package = 2 dies, each its own device")
+    dies_per_node: int = param(16, "[CMD §1] a node has 8 NPUs = 16 dies")
+    ub_port_bytes_per_cycle: int = param(
+        106, "[CMD §1] > 392 GB/s unidirectional UB per NPU, split evenly over its 2 dies (D): 196 GB/s ÷ 1.85 GHz; "
+             "per direction (injection and ejection each)")
+    ub_latency_cycles: int = param(
+        1480, "assumption: one-way UB message latency 0.8 µs; the secondary sources only say 'sub-microsecond' [CMD §1]")
+    ub_inter_node_extra_latency_cycles: int = param(
+        925, "assumption: 0.5 µs extra between nodes, inside the '< 1 µs extra' bound of [CMD §1]")
+    ub_inter_node_bandwidth_factor: float = param(
+        0.97, "[CMD §1] crossing nodes costs '< 3 % bandwidth': the worst case, 0.97, is applied")
+    package_link_bytes_per_cycle: int = param(
+        106, "assumption: the on-package die-to-die link (unpublished) is as fast as a die's UB port")
+    package_link_latency_cycles: int = param(555, "assumption: on-package die-to-die latency 0.3 µs (unpublished)")
+    rdma_port_bytes_per_cycle: int = param(
+        14, "[CMD §1] RDMA up to 400 Gbps unidirectional per NPU = 25 GB/s per die (D) ÷ 1.85 GHz ≈ 13.5, rounded up")
+    rdma_latency_cycles: int = param(5550, "assumption: RDMA (RoCE) one-way latency 3 µs (unpublished)")
+    aiv_direct_head_cycles: int = param(
+        64, "assumption: set-up of an AIV-Direct remote store on MTE3; no launch overhead [CMD §4] (unpublished)")
+    sdma_launch_cycles: int = param(
+        3700, "assumption: SDMA task launch overhead 2 µs, the cost AIV-Direct avoids [CMD §4] (unpublished)")
+    sdma_bytes_per_cycle: int = param(
+        106, "assumption: a die's SDMA engines together stream as fast as its UB port (unpublished)")
+
     # ------------------------------------------------------------------------------------
     def source(self, name: str) -> str:
         """Where the value of field `name` comes from (or why it is an assumption)."""
@@ -162,7 +196,7 @@ class Spec:
 def _910b(name: str, aic: int, hbm_gib: int, clock: float, note: str) -> Spec:
     return _replace(Spec(), {
         "name": (name, "preset name"),
-        "soc_version": (f"Ascend{name[:3]}{name[3:].upper()}", "CANN SoC name"),
+        "soc_version": (f"Ascend{name[:3]}{name[3:].upper()}", "⚠ CANN SoC name of the part, by CANN's naming"),
         "aic_per_die": (aic, note),
         "aiv_per_die": (2 * aic, note + "; 2 AIV per AIC [basic]"),
         "hbm_gib": (hbm_gib, note),
@@ -225,7 +259,10 @@ def load(path) -> Spec:
         raise KeyError(f"{path}: unknown top-level keys {sorted(unknown)}; expected 'preset' and [overrides]")
     base = get(doc.get("preset", "910c"))
     changes = {}
-    for k, v in doc.get("overrides", {}).items():
+    overrides = doc.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise TypeError(f"{path}: 'overrides' must be a table ([overrides]), got {overrides!r}")
+    for k, v in overrides.items():
         if isinstance(v, dict):
             if set(v) - {"value", "source"} or "value" not in v:
                 raise KeyError(f"{path}: override {k!r} must be a value or {{value = …, source = …}}")

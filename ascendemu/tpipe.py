@@ -31,10 +31,11 @@ _FREE, _ALLOCATED, _QUEUED, _DEQUEUED, _RELEASED = "free", "allocated", "enqueue
 
 
 class _Slot:
-    __slots__ = ("tensor", "state", "enque_id", "free_id")
+    __slots__ = ("tensor", "state", "enque_id", "free_id", "view")
 
     def __init__(self, tensor, enque_id, free_id):
         self.tensor, self.state, self.enque_id, self.free_id = tensor, _FREE, enque_id, free_id
+        self.view = tensor  # the typed tensor last handed out or enqueued (what deque() returns)
 
 
 class TQue:
@@ -56,11 +57,17 @@ class TQue:
             raise SyncError(f"TQue({self.position.name}) used before pipe.init_buffer")
         return self.pipe.ctx
 
+    def _where(self) -> str:
+        return self.pipe.ctx._core.label if self.pipe is not None else ""
+
     def _slot_of(self, tensor: LocalTensor, what: str) -> _Slot:
-        for s in self.slots:
-            if s.tensor is not None and s.tensor.buffer is tensor.buffer and s.tensor.offset == tensor.offset:
-                return s
-        raise SyncError(f"{what}: tensor {tensor!r} is not a slot of TQue({self.position.name})")
+        self._ctx()
+        if isinstance(tensor, LocalTensor):
+            for s in self.slots:
+                if s.tensor.buffer is tensor.buffer and s.tensor.offset == tensor.offset:
+                    return s
+        raise SyncError(f"{what}: {tensor!r} is not a slot of TQue({self.position.name}); pass the tensor "
+                        f"that alloc_tensor or deque returned", where=self._where())
 
     def alloc_tensor(self, dtype, shape=None) -> LocalTensor:
         """`AllocTensor<T>()`: the next slot, after its previous readers are done."""
@@ -68,41 +75,49 @@ class TQue:
         s = self.slots[self._next]
         if s.state not in (_FREE, _RELEASED):
             raise SyncError(f"alloc_tensor: all {len(self.slots)} slots of TQue({self.position.name}) are in use "
-                            f"(slot {self._next} is {s.state}); free_tensor one first")
+                            f"(slot {self._next} is {s.state}); free_tensor one first", where=self._where())
         self._next = (self._next + 1) % len(self.slots)
         if s.state == _RELEASED:
             ctx.wait_flag(self.free_event, s.free_id)
         s.state = _ALLOCATED
         dt = as_dtype(dtype)
         base = s.tensor.reinterpret_cast(dt)
-        return base if shape is None else base[: _count(shape)].reshape(shape)
+        s.view = base if shape is None else base[: _count(shape)].reshape(shape)
+        return s.view
 
     def enque(self, tensor: LocalTensor) -> None:
         """`EnQue(t)`: the producer is done with the slot."""
         s = self._slot_of(tensor, "enque")
         if s.state != _ALLOCATED:
-            raise SyncError(f"enque: slot is {s.state}, not allocated")
+            raise SyncError(f"enque: slot is {s.state}, not allocated", where=self._where())
         if len(self._fifo) >= self.depth:
-            raise SyncError(f"enque: TQue({self.position.name}) depth {self.depth} is full; deque first")
+            raise SyncError(f"enque: TQue({self.position.name}) depth {self.depth} is full; deque first",
+                            where=self._where())
         self._ctx().set_flag(self.enque_event, s.enque_id)
         s.state = _QUEUED
+        s.view = tensor
         self._fifo.append(s)
 
     def deque(self, dtype=None, shape=None) -> LocalTensor:
-        """`DeQue<T>()`: wait for the oldest enqueued slot."""
+        """`DeQue<T>()`: wait for the oldest enqueued slot. Without `dtype`/`shape`, returns the
+        tensor that was enqueued (same dtype and shape)."""
+        self._ctx()
         if not self._fifo:
-            raise SyncError(f"deque: TQue({self.position.name}) is empty: it would hang on hardware")
+            raise SyncError(f"deque: TQue({self.position.name}) is empty: it would hang on hardware",
+                            where=self._where())
         s = self._fifo.popleft()
         self._ctx().wait_flag(self.enque_event, s.enque_id)
         s.state = _DEQUEUED
-        t = s.tensor if dtype is None else s.tensor.reinterpret_cast(as_dtype(dtype))
+        if dtype is None and shape is None:
+            return s.view
+        t = s.tensor.reinterpret_cast(as_dtype(dtype if dtype is not None else s.view.dtype))
         return t if shape is None else t[: _count(shape)].reshape(shape)
 
     def free_tensor(self, tensor: LocalTensor) -> None:
         """`FreeTensor(t)`: the consumer is done; the producer may reuse the slot."""
         s = self._slot_of(tensor, "free_tensor")
         if s.state != _DEQUEUED:
-            raise SyncError(f"free_tensor: slot is {s.state}, not dequeued")
+            raise SyncError(f"free_tensor: slot is {s.state}, not dequeued", where=self._where())
         self._ctx().set_flag(self.free_event, s.free_id)
         s.state = _RELEASED
 

@@ -171,6 +171,17 @@ class VectorInstructions:
                                  where=core.label)
         return out
 
+    def _check_strides(self, name, strides, reps, dst_blk=True):
+        """Vector strides are u8 (0..255); dst_blk_stride 0 is undefined on hardware (reference §13).
+
+        strides: [(blk, rep)], dst first when `dst_blk`."""
+        core = self._core
+        for blk, rep in strides:
+            if not (0 <= blk <= 255 and 0 <= rep <= 255):
+                raise ParamError(f"{name}: strides blk={blk} rep={rep} are outside 0..255", where=core.label)
+        if dst_blk and strides[0][0] == 0 and reps:
+            raise ParamError(f"{name}: dst_blk_stride 0 is undefined on hardware", where=core.label)
+
     def _same_dtype(self, name, ts):
         if len({t.dtype for t in ts}) > 1:
             raise DTypeError(f"{name}: operands differ in dtype ({', '.join(dtype_name(t.dtype) for t in ts)})",
@@ -194,13 +205,10 @@ class VectorInstructions:
             idx = None
         else:
             reps, act = self._lane_mask(name, mask, repeat_times, lanes)
+            self._check_strides(name, strides, reps)
             idx = []
             regions = []
             for i, (t, (blk, rep)) in enumerate(zip(ops, strides)):
-                if blk < 0 or rep < 0 or blk > 255 or rep > 255:
-                    raise ParamError(f"{name}: strides blk={blk} rep={rep} are outside 0..255", where=core.label)
-                if i == 0 and blk == 0 and reps:
-                    raise ParamError(f"{name}: dst_blk_stride 0 is undefined on hardware", where=core.label)
                 e = self.spec.block_bytes // t.dtype.itemsize
                 full = repeat_offsets(reps, lanes, e, blk, rep)[act] if reps else np.zeros(0, np.int64)
                 idx.append(full)
@@ -213,16 +221,18 @@ class VectorInstructions:
             return
         if idx is None:
             vals = [s.flat_view(0, int(count)) for s in srcs]
-            dst.flat_view(0, int(count))[...] = fn(*vals)
+            with np.errstate(all="ignore"):
+                dst.flat_view(0, int(count))[...] = fn(*vals)
             return
         flats = [t.flat_view(0, t.size) for t in ops]
-        if self._sequential(dst, srcs, strides, reps):
-            per = len(idx[0]) // reps if reps else 0
-            for r in range(reps):
-                sl = slice(r * per, (r + 1) * per)
-                flats[0][idx[0][sl]] = fn(*(f[i[sl]] for f, i in zip(flats[1:], idx[1:])))
-        else:
-            flats[0][idx[0]] = fn(*(f[i] for f, i in zip(flats[1:], idx[1:])))
+        with np.errstate(all="ignore"):  # overflow to inf and NaN results are the hardware's answer
+            if self._sequential(dst, srcs, strides, reps):
+                ends = np.cumsum(act.sum(axis=1))  # active lanes per repeat differ in counter mode
+                for r in range(reps):
+                    sl = slice(int(ends[r - 1]) if r else 0, int(ends[r]))
+                    flats[0][idx[0][sl]] = fn(*(f[i[sl]] for f, i in zip(flats[1:], idx[1:])))
+            else:
+                flats[0][idx[0]] = fn(*(f[i] for f, i in zip(flats[1:], idx[1:])))
 
     def _sequential(self, dst, srcs, strides, reps) -> bool:
         """The in-place accumulation exception: dst overlaps a source and a repeat stride is 0."""
@@ -391,7 +401,7 @@ class VectorInstructions:
         """`Compare(dst, src0, src1, CMPMODE, count)`: bit i of the uint8 dst = src0[i] <op> src1[i].
         count·sizeof(T) must be a multiple of 256 B. Repeat form: each repeat writes lanes/8 bytes."""
         core = self._core
-        dst = core.local(dst, ("UB",), "compare dst")
+        (dst,) = self._operands("compare", [(dst, "dst")], None)
         a, b = self._operands("compare", [(src0, "src0"), (src1, "src1")], _FLOAT + ("int32",))
         self._same_dtype("compare", (a, b))
         if dtype_name(dst.dtype) != "uint8":
@@ -402,7 +412,7 @@ class VectorInstructions:
     def compare_scalar(self, dst, src0, scalar, cmp_mode: CMPMODE, count: int):
         """`CompareScalar(dst, src0, scalar, CMPMODE, count)`."""
         core = self._core
-        dst = core.local(dst, ("UB",), "compare_scalar dst")
+        (dst,) = self._operands("compare_scalar", [(dst, "dst")], None)
         (a,) = self._operands("compare_scalar", [(src0, "src0")], _FLOAT + ("int32",))
         s = np.array(scalar).astype(a.dtype)
         f = _CMP[cmp_mode]
@@ -426,6 +436,7 @@ class VectorInstructions:
             return
         count, mask, reps, strides = self._unpack_repeat(args, BinaryRepeatParams, len(srcs))
         nrep, act = self._lane_mask(name, mask, reps, lanes)
+        self._check_strides(name, strides, nrep, dst_blk=False)
         idx = []
         for t, (blk, rep) in zip(srcs, strides[1:]):
             e = 32 // t.dtype.itemsize
@@ -443,7 +454,7 @@ class VectorInstructions:
     def select(self, dst, sel_mask, src0, src1, sel_mode: SELMODE, count: int):
         """`Select(dst, selMask, src0, src1 | scalar, SELMODE, count)`: dst[i] = src0[i] if bit i else src1[i]."""
         core = self._core
-        sel = core.local(sel_mask, ("UB",), "select mask")
+        (sel,) = self._operands("select", [(sel_mask, "mask")], None)
         if dtype_name(sel.dtype) != "uint8":
             raise DTypeError(f"select mask must be uint8 bits, got {dtype_name(sel.dtype)}", where=core.label)
         if sel_mode == SELMODE.VSEL_TENSOR_TENSOR_MODE:
@@ -472,10 +483,13 @@ class VectorInstructions:
             dst.flat_view(0, n)[...] = np.where(bits, srcs[0].flat_view(0, n), other)
 
     # --- reductions ------------------------------------------------------------------------------------------------
-    def _reduce_in(self, name, src, mask, repeat_times, src_blk_stride, src_rep_stride):
+    def _reduce_in(self, name, src, mask, repeat_times, dst_rep_stride, src_blk_stride, src_rep_stride):
         core = self._core
         lanes = 256 // src.dtype.itemsize
         reps, act = self._lane_mask(name, mask, repeat_times, lanes)
+        self._check_strides(name, [(src_blk_stride, src_rep_stride)], reps, dst_blk=False)
+        if dst_rep_stride < 0:
+            raise ParamError(f"{name}: negative dst_rep_stride {dst_rep_stride}", where=core.label)
         idx = repeat_offsets(reps, lanes, 32 // src.dtype.itemsize, src_blk_stride, src_rep_stride) if reps \
             else np.zeros((0, lanes), np.int64)
         region = core.span(src, int(idx[act].min()) if act.any() else 0,
@@ -486,7 +500,8 @@ class VectorInstructions:
         """`WholeReduceSum`: the sum of each repeat's active lanes → dst[r·dst_rep_stride]."""
         dst, src = self._operands("whole_reduce_sum", [(dst, "dst"), (src, "src")], _FLOAT)
         self._same_dtype("whole_reduce_sum", (dst, src))
-        reps, act, idx, region = self._reduce_in("whole_reduce_sum", src, mask, repeat_times, src_blk_stride, src_rep_stride)
+        reps, act, idx, region = self._reduce_in("whole_reduce_sum", src, mask, repeat_times, dst_rep_stride,
+                                                src_blk_stride, src_rep_stride)
         out = np.arange(reps) * dst_rep_stride
         w = self._core.span(dst, 0, int(out.max()) + 1 if reps else 0, "whole_reduce_sum dst")
         self._core.issue("whole_reduce_sum", Pipe.PIPE_V, costs.vector(self.spec, "whole_reduce", src.dtype.itemsize, reps),
@@ -499,7 +514,8 @@ class VectorInstructions:
                           order):
         dst, src = self._operands(name, [(dst, "dst"), (src, "src")], _FLOAT)
         self._same_dtype(name, (dst, src))
-        reps, act, idx, region = self._reduce_in(name, src, mask, repeat_times, src_blk_stride, src_rep_stride)
+        reps, act, idx, region = self._reduce_in(name, src, mask, repeat_times, dst_rep_stride, src_blk_stride,
+                                                 src_rep_stride)
         width = 1 if order == ReduceOrder.ORDER_ONLY_VALUE else 2
         out = np.arange(reps) * dst_rep_stride * width
         w = self._core.span(dst, 0, int(out.max()) + width if reps else 0, f"{name} dst")
@@ -536,7 +552,8 @@ class VectorInstructions:
     def _block_reduce(self, name, dst, src, repeat_times, mask, dst_rep_stride, src_blk_stride, src_rep_stride):
         dst, src = self._operands(name, [(dst, "dst"), (src, "src")], _FLOAT)
         self._same_dtype(name, (dst, src))
-        reps, act, idx, region = self._reduce_in(name, src, mask, repeat_times, src_blk_stride, src_rep_stride)
+        reps, act, idx, region = self._reduce_in(name, src, mask, repeat_times, dst_rep_stride, src_blk_stride,
+                                                 src_rep_stride)
         e = 32 // src.dtype.itemsize
         out = (np.arange(reps)[:, None] * dst_rep_stride * 8 + np.arange(8)[None, :]).reshape(-1)
         w = self._core.span(dst, 0, int(out.max()) + 1 if reps else 0, f"{name} dst")
@@ -577,6 +594,7 @@ class VectorInstructions:
         reps = int(repeat_times)
         if not 0 <= reps <= self.spec.max_repeat_times:
             raise ParamError(f"brcb: repeat_times {reps} is outside 0..{self.spec.max_repeat_times}", where=core.label)
+        self._check_strides("brcb", [(params.dst_blk_stride, params.dst_rep_stride)], reps)
         e = 32 // dst.dtype.itemsize
         didx = repeat_offsets(reps, 8 * e, e, params.dst_blk_stride, params.dst_rep_stride) if reps else \
             np.zeros((0, 8 * e), np.int64)
@@ -595,7 +613,7 @@ class VectorInstructions:
         dst, src = self._operands("gather", [(dst, "dst"), (src, "src")], ("float16", "float32", "int16", "int32",
                                                                            "uint16", "uint32", "bfloat16"))
         self._same_dtype("gather", (dst, src))
-        off = core.local(src_offset, ("UB",), "gather src_offset")
+        (off,) = self._operands("gather", [(src_offset, "src_offset")], None)
         if dtype_name(off.dtype) != "uint32":
             raise DTypeError(f"gather src_offset must be uint32 byte offsets, got {dtype_name(off.dtype)}",
                              where=core.label)

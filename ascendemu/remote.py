@@ -1,0 +1,237 @@
+"""Messaging between dies, as instructions a kernel issues.
+
+- `aiv_direct_write(dst, src)`: an AIV stores from its UB (or from its die's GM) straight
+  into another die's GM over UB, on MTE3, with memory semantics and no launch overhead.
+  MTE3 is busy until the last byte has left; the bytes arrive one network latency later.
+- `sdma_copy(dst, src, flag=…)`: the die's SDMA engines copy GM → remote GM after a launch
+  overhead; the issuing core only pays the issue slot. Suited to bulk transfers.
+- `remote_write_flag(word, value)`: a flag word written into any die's GM (MTE3). Under
+  `set_atomic_add` (which makes every move into GM a read-add-write) it adds `value`
+  instead, so many senders can count into one word.
+- `fence()`: later remote writes of this core arrive no earlier than its earlier ones.
+- `wait_until(word, predicate)`: PIPE_S blocks until a local GM word, as written by
+  remote flag writes, satisfies `predicate(value)`; it completes at the arrival of the
+  write that made it true.
+
+Data moves exactly as sent, at issue (program order); only its arrival is in the future,
+which is why a receiver must wait for the flag before reading. Flag words are tracked
+with their arrival times (`die.watch`); in timing-only mode they start at 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .buffers import LocalTensor
+from .errors import DTypeError, ParamError, caller_line
+from .gm import GlobalTensor
+from .numerics import dtype_name
+from .pipes import Pipe
+
+
+def _word_key(word: GlobalTensor):
+    return (id(word.allocation), word.offset)
+
+
+def _word_value(word: GlobalTensor):
+    if word.is_phantom:
+        return 0
+    return word.flat_view(0, 1)[0].item()
+
+
+def _fold(hist, t):
+    """The word's value at cycle t: its initial value, then every write that has arrived by t."""
+    value = hist["initial"]
+    for a, _, v, add in hist["writes"]:
+        if a > t:
+            break
+        value = value + v if add else v
+    return value
+
+
+def _steps(hist, t):
+    """(arrival, value from then on) for each write arriving after cycle t."""
+    value = hist["initial"]
+    for a, _, v, add in hist["writes"]:
+        value = value + v if add else v
+        if a > t:
+            yield a, value
+
+
+class RemoteInstructions:
+    """Inter-die instructions of `ctx` (mixed into CoreContext)."""
+
+    def _remote_env(self, what: str):
+        core = self._core
+        if core.env is None:
+            raise ParamError(f"{what} needs a launch", where=core.label)
+        return core.env
+
+    def _target_die(self, t: GlobalTensor, what: str):
+        env = self._remote_env(what)
+        if not isinstance(t, GlobalTensor):
+            raise ParamError(f"{what}: the destination must be a GlobalTensor, got {type(t).__name__}",
+                             where=self._core.label)
+        die = getattr(t.gm, "die", None)
+        if die is None or die.cluster is not env.cluster:
+            raise ParamError(f"{what}: the destination is not in a die of this cluster", where=self._core.label)
+        return die
+
+    def _send(self, name: str, dst_die, nbytes: int, *, from_gm: bool, cap: float, head: int, pipe: Pipe,
+              plane: str = "ub"):
+        """Issue a remote write on `pipe`; returns its arrival cycle."""
+        core = self._core
+        env = core.env
+        src_die = env.die.index
+        net = env.cluster.network
+        arrival = [0]
+
+        def xfer(start):
+            t0 = start + head
+            if from_gm:
+                env.hbm.transfer(t0, nbytes, cap)
+            end, arr = net.send(src_die, dst_die.index, t0, nbytes, cap, plane)
+            dst_die.hbm.transfer(t0, nbytes, cap)
+            arrival[0] = max(arr, core.remote_floor)
+            return end
+        core.issue(name, pipe, 0, xfer=xfer, reads=self._remote_reads)
+        core.remote_last = max(core.remote_last, arrival[0])
+        core.count_bytes(f"{'GM' if from_gm else 'UB'}->die{dst_die.index}", nbytes)
+        return arrival[0]
+
+    _remote_reads = ()
+
+    def aiv_direct_write(self, dst: GlobalTensor, src, count: int | None = None) -> int:
+        """AIV-Direct: store `count` elements (default: all of src) from UB or local GM into `dst`, a
+        GlobalTensor in any die's GM. Returns the cycle the data arrives."""
+        core = self._core
+        if self.kind != "aiv":
+            raise ParamError("aiv_direct_write runs on an AIV's MTE3", where=core.label)
+        die = self._target_die(dst, "aiv_direct_write")
+        if isinstance(src, GlobalTensor):
+            if src.gm is not core.gm:
+                raise ParamError("aiv_direct_write: a GM source must be in this die's GM", where=core.label)
+            reads = ()
+        else:
+            src = core.local(src, ("UB",), "aiv_direct_write source")
+        if src.dtype != dst.dtype:
+            raise DTypeError(f"aiv_direct_write does not convert: {dtype_name(src.dtype)} → {dtype_name(dst.dtype)}",
+                             where=core.label)
+        n = src.size if count is None else int(count)
+        if not 0 <= n <= min(src.size, dst.size):
+            raise ParamError(f"aiv_direct_write of {n} elements: source has {src.size}, destination {dst.size}",
+                             where=core.label)
+        nbytes = n * src.dtype.itemsize
+        reads = [core.span(src, 0, n, "aiv_direct_write source")] if isinstance(src, LocalTensor) else []
+        self._remote_reads = reads
+        try:
+            t = self._send("aiv_direct_write", die, nbytes, from_gm=isinstance(src, GlobalTensor),
+                           cap=self.spec.aiv_gm_write_bytes_per_cycle, head=self.spec.aiv_direct_head_cycles,
+                           pipe=Pipe.PIPE_MTE3)
+        finally:
+            self._remote_reads = ()
+        if self.functional and n:
+            dst.flat_view(0, n)[...] = src.flat_view(0, n)
+        return t
+
+    def sdma_copy(self, dst: GlobalTensor, src: GlobalTensor, flag=None) -> int:
+        """SDMA: copy all of `src` (this die's GM) into `dst` (any die's GM) after the SDMA launch overhead;
+        `flag=(word, value)` writes `value` into `word` once the data has arrived. Returns the arrival cycle."""
+        core = self._core
+        env = self._remote_env("sdma_copy")
+        die = self._target_die(dst, "sdma_copy")
+        if not isinstance(src, GlobalTensor) or src.gm is not core.gm:
+            raise ParamError("sdma_copy: the source must be a GlobalTensor in this die's GM", where=core.label)
+        if src.dtype != dst.dtype or src.size > dst.size:
+            raise DTypeError(f"sdma_copy: {src.size} {dtype_name(src.dtype)} do not fit {dst.size} "
+                             f"{dtype_name(dst.dtype)}", where=core.label)
+        nbytes = src.nbytes
+        net = env.cluster.network
+        spec = self.spec
+        arrival = [0]
+        # The core only issues the descriptor (PIPE_S); the engine runs on its own after the launch overhead.
+        start = core.issue("sdma_copy", Pipe.PIPE_S, spec.scalar_issue_cycles)
+        t0 = start + spec.sdma_launch_cycles
+        eng_end = net.sdma[env.die.index].transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
+        env.hbm.transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
+        _, arr = net.send(env.die.index, die.index, t0, nbytes, spec.sdma_bytes_per_cycle)
+        die.hbm.transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
+        arrival[0] = max(arr, eng_end, core.remote_floor)
+        core.remote_last = max(core.remote_last, arrival[0])
+        core.count_bytes(f"SDMA->die{die.index}", nbytes)
+        if self.functional and nbytes:
+            dst.flat_view(0, src.size)[...] = src.flat_view(0, src.size)
+        if flag is not None:
+            word, value = flag
+            self._record_flag(word, value, arrival[0])
+        return arrival[0]
+
+    def fence(self) -> None:
+        """Order this core's earlier remote writes before its later ones (e.g. data before its flag)."""
+        core = self._core
+        core.issue("fence", Pipe.PIPE_S, 0)
+        core.remote_floor = max(core.remote_floor, core.remote_last)
+
+    def remote_write_flag(self, word: GlobalTensor, value: int) -> int:
+        """Write `value` into the GM word `word` (any die, this one included) over MTE3; returns its arrival."""
+        core = self._core
+        die = self._target_die(word, "remote_write_flag")
+        if word.dtype.kind not in "iu" or word.size < 1:
+            raise DTypeError(f"remote_write_flag: the flag word must be an integer GM tensor, got "
+                             f"{dtype_name(word.dtype)} {word.shape}", where=core.label)
+        add = core.atomic is not None
+        if add and core.atomic != word.dtype:
+            raise DTypeError(f"remote_write_flag: atomic add in {dtype_name(core.atomic)} into a "
+                             f"{dtype_name(word.dtype)} word", where=core.label)
+        t = self._send("remote_write_flag", die, self.spec.block_bytes, from_gm=False,
+                       cap=(self.spec.aiv_gm_write_bytes_per_cycle if self.kind == "aiv"
+                            else self.spec.aic_gm_write_bytes_per_cycle),
+                       head=self.spec.aiv_direct_head_cycles, pipe=Pipe.PIPE_MTE3)
+        self._record_flag(word, value, t, add)
+        return t
+
+    def _record_flag(self, word: GlobalTensor, value: int, arrival: int, add: bool = False) -> None:
+        die = word.gm.die
+        key = _word_key(word)
+        hist = die.watch.get(key)
+        if hist is None:
+            hist = die.watch[key] = {"initial": _word_value(word), "writes": [], "waiters": []}
+        hist["writes"].append((arrival, len(hist["writes"]), int(value), add))
+        hist["writes"].sort()
+        if self.functional and not word.is_phantom:
+            cur = word.flat_view(0, 1)
+            cur[0] = (cur.astype(np.int64) + value if add else np.array([value])).astype(word.dtype)[0]
+        env = self._core.env
+        for task in hist["waiters"]:
+            env.sched.wake(task)
+        hist["waiters"] = []
+
+    def wait_until(self, word: GlobalTensor, predicate, what: str | None = None) -> int:
+        """Block PIPE_S until `predicate(value)` holds for the local GM word `word`; returns that value."""
+        core = self._core
+        env = self._remote_env("wait_until")
+        if not isinstance(word, GlobalTensor) or word.gm is not core.gm:
+            raise ParamError("wait_until: the word must be a GlobalTensor in this die's GM", where=core.label)
+        if not callable(predicate):
+            raise ParamError(f"wait_until: predicate must be callable, got {predicate!r}", where=core.label)
+        line = caller_line()
+        key = _word_key(word)
+        now = core.scalar_t
+        while True:
+            hist = env.die.watch.get(key)
+            if hist is None:
+                hist = env.die.watch[key] = {"initial": _word_value(word), "writes": [], "waiters": []}
+            t = None
+            value = _fold(hist, now)
+            if predicate(value):
+                t = now
+            else:
+                for a, v in _steps(hist, now):
+                    if predicate(v):
+                        t, value = a, v
+                        break
+            if t is not None:
+                break
+            hist["waiters"].append(core.task)
+            env.sched.block(what or f"wait_until on GM word {word!r}", line)
+        core.issue("wait_until", Pipe.PIPE_S, 0, not_before=t)
+        return value
