@@ -25,6 +25,7 @@ class SharedLink:
         self.used: dict[int, float] = {}  # window index → bytes placed
         self.total_bytes = 0
         self.busy_until = 0
+        self.full_below = 0  # every window before this index is full (windows fill in time order)
 
     def transfer(self, start: int, nbytes: int, cap: float) -> int:
         """Place `nbytes` starting at cycle `start` at ≤ `cap` bytes/cycle; return the finish cycle."""
@@ -32,10 +33,10 @@ class SharedLink:
         if nbytes <= 0:
             return start
         cap = min(float(cap), self.rate)
-        t = float(start)
-        left = float(nbytes)
         w = self.window
         used = self.used
+        t = float(max(start, self.full_below * w))
+        left = float(nbytes)
         while True:
             wi = int(t // w)
             w_end = (wi + 1) * w
@@ -53,4 +54,6 @@ class SharedLink:
             if can > 0:
                 used[wi] = used.get(wi, 0.0) + can
                 left -= can
+            if wi == self.full_below and used.get(wi, 0.0) >= self.cap - 1e-6:
+                self.full_below += 1
             t = float(w_end)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import enum
 
+import math
+
 import numpy as np
 
 from .errors import AlignmentError, AllocationError, BoundsError, DTypeError, PhantomError, fmt_bytes
@@ -93,7 +95,7 @@ class LocalBuffer:
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise BoundsError(f"negative shape {shape}", where=f"{self.where} · {self.kind}")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize
         a = max(self.align, align or 1)
         off = -(-self.top // a) * a
         if off + nbytes > self.capacity:
@@ -126,7 +128,7 @@ class LocalTensor:
 
     def __init__(self, buffer: LocalBuffer, offset: int, dtype: np.dtype, shape: tuple):
         self.buffer, self.offset, self.dtype, self.shape = buffer, offset, dtype, shape
-        self.size = int(np.prod(shape, dtype=np.int64))
+        self.size = math.prod(shape)
         self.nbytes = self.size * dtype.itemsize
 
     @property
@@ -158,7 +160,7 @@ class LocalTensor:
 
     def reshape(self, shape) -> "LocalTensor":
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-        if int(np.prod(shape, dtype=np.int64)) != self.size:
+        if math.prod(shape) != self.size:
             raise BoundsError(f"cannot reshape {self.shape} ({self.size} elements) to {shape}",
                               where=f"{self.buffer.where} · {self.kind}")
         return LocalTensor(self.buffer, self.offset, self.dtype, shape)
@@ -186,7 +188,7 @@ def _index(shape: tuple, key, where: str):
         key = (key,)
     if len(key) > len(shape):
         raise BoundsError(f"too many indices {key} for shape {shape}", where=where)
-    strides = [int(np.prod(shape[i + 1:], dtype=np.int64)) for i in range(len(shape))]
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
     off, out, extent = 0, [], []
     for ax, k in enumerate(key):
         n = shape[ax]

@@ -162,7 +162,7 @@ class Core:
 
     def span(self, t, first: int, last_end: int, what: str):
         """Byte region (buffer, start, end) of elements [first, last_end) of `t`, bounds-checked."""
-        if first < 0 or last_end > t.size:
+        if first < 0 or last_end > t.size or last_end < first:
             raise BoundsError(f"{what} touches elements [{first}, {last_end}) of a {t.size}-element "
                               f"{t.kind} tensor {t.shape}", where=self.label)
         isz = t.dtype.itemsize

@@ -53,6 +53,7 @@ def vector(spec: Spec, op_class: str, itemsize: int, repeats: int) -> int:
         "transcendental": spec.vec_transcendental_elems_per_cycle,
         "cast": spec.vec_cast_elems_per_cycle,
         "cast_b8": spec.vec_cast_b8_elems_per_cycle,
+        "cast_b64": spec.vec_cast_b64_elems_per_cycle,
         "gather": spec.vec_gather_elems_per_cycle,
     }[op_class]
     return spec.vector_head_cycles + ceil_div(repeats * lanes, rate)

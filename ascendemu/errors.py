@@ -43,13 +43,19 @@ class SourceLine:
         return self.short
 
 
+_IN_MACHINE: dict[str, bool] = {}  # code filename → is it a file of the machine package?
+
+
 def caller_line() -> SourceLine | None:
     """The innermost stack frame whose file is not part of the machine (`ascendemu/`)."""
     frame = sys._getframe(1)
     while frame is not None:
-        fn = os.path.abspath(frame.f_code.co_filename)
-        if not fn.startswith(_MACHINE_DIR + os.sep):
-            return SourceLine(fn, frame.f_lineno)
+        fn = frame.f_code.co_filename
+        inside = _IN_MACHINE.get(fn)
+        if inside is None:
+            inside = _IN_MACHINE[fn] = os.path.abspath(fn).startswith(_MACHINE_DIR + os.sep)
+        if not inside:
+            return SourceLine(os.path.abspath(fn), frame.f_lineno)
         frame = frame.f_back
     return None
 

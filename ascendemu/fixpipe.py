@@ -27,6 +27,7 @@ _MODES = {
     QuantMode.REQ8: ("int32", None), QuantMode.VREQ8: ("int32", None),
 }
 _VECTOR = {QuantMode.VDEQF16, QuantMode.VQF322B8_PRE, QuantMode.VREQ8}
+_SCALAR = {QuantMode.DEQF16, QuantMode.QF322B8_PRE, QuantMode.REQ8}
 
 
 class FixpipeInstructions:
@@ -68,12 +69,20 @@ class FixpipeInstructions:
             raise ParamError(f"fixpipe quant mode {mode} is not supported", where=core.label)
         if acc_name != want_in:
             raise DTypeError(f"fixpipe {mode.name} needs a {want_in} L0C tile, got {acc_name}", where=core.label)
+        if mode in _SCALAR:
+            w = p.deq_scalar
+            if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= int(w) < 1 << 64:
+                raise ParamError(f"fixpipe {mode.name}: deq_scalar must be a u64 quant word, got {w!r}",
+                                 where=core.label)
+            if out_name is None:  # int8 or uint8 by the word's sign bit (46): known at issue, in both modes
+                out_name = "int8" if (int(w) >> 46) & 1 else "uint8"
         if out_name is None:
             if dtype_name(dst.dtype) not in ("int8", "uint8"):
                 raise DTypeError(f"fixpipe {mode.name} writes int8/uint8, destination is {dtype_name(dst.dtype)}",
                                  where=core.label)
         elif dtype_name(dst.dtype) != out_name:
-            raise DTypeError(f"fixpipe {mode.name} writes {out_name}, destination is {dtype_name(dst.dtype)}",
+            why = " (by the sign bit 46 of deq_scalar)" if mode in _SCALAR and _MODES[mode][1] is None else ""
+            raise DTypeError(f"fixpipe {mode.name} writes {out_name}{why}, destination is {dtype_name(dst.dtype)}",
                              where=core.label)
         sz = dst.dtype.itemsize
         c0 = 32 // sz
@@ -113,6 +122,10 @@ class FixpipeInstructions:
             writes = []
         else:
             writes = [core.span(dst, 0, dst_end, "fixpipe dst")]
+        atomic = core.atomic if isinstance(dst, GlobalTensor) else None
+        if atomic is not None and atomic != dst.dtype:  # checked at issue: timing-only runs catch it too
+            raise DTypeError(f"atomic add in {dtype_name(atomic)} into a {dtype_name(dst.dtype)} GM tensor",
+                             where=core.label)
         cycles = costs.fixpipe(self.spec, m * n, m * n * sz, isinstance(dst, GlobalTensor)) + extra
         core.issue("fixpipe", Pipe.PIPE_FIX, cycles, reads, writes)
         core.count_bytes(f"L0C->{dst.kind}", m * n * sz)
@@ -124,9 +137,12 @@ class FixpipeInstructions:
         words = None
         if mode in _VECTOR:
             words = qwords.flat_view(0, n).copy()
-        elif mode in (QuantMode.DEQF16, QuantMode.REQ8, QuantMode.QF322B8_PRE):
+        elif mode in _SCALAR:
             words = int(p.deq_scalar)
-        out = fixpipe_convert(np.ascontiguousarray(acc), mode, words=words, relu=p.relu_en)
+        try:
+            out = fixpipe_convert(np.ascontiguousarray(acc), mode, words=words, relu=p.relu_en)
+        except (TypeError, ValueError) as e:  # data-dependent: e.g. per-channel words disagree on the sign bit
+            raise ParamError(f"fixpipe: {e}", where=core.label) from None
         if out.dtype != dst.dtype:
             raise DTypeError(f"fixpipe {mode.name} produced {dtype_name(out.dtype)} (by the quant word's sign bit); "
                              f"destination is {dtype_name(dst.dtype)}", where=core.label)
@@ -137,11 +153,7 @@ class FixpipeInstructions:
             view = np.lib.stride_tricks.as_strided(flat, shape=(n // c0, m, c0), strides=(col_pitch * sz, c0 * sz, sz),
                                                    writeable=True)
             out = out.reshape(m, n // c0, c0).transpose(1, 0, 2)
-        atomic = core.atomic
-        if atomic is not None and isinstance(dst, GlobalTensor):
-            if atomic != dst.dtype:
-                raise DTypeError(f"atomic add in {dtype_name(atomic)} into a {dtype_name(dst.dtype)} GM tensor",
-                                 where=core.label)
+        if atomic is not None:
             view[...] = (view + out).astype(atomic)
         else:
             view[...] = out

@@ -6,6 +6,8 @@ allocator tracks the bytes in use against the spec's HBM size.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .buffers import _index, poison
@@ -45,7 +47,7 @@ class GlobalMemory:
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise BoundsError(f"negative shape {shape}", where=self.where)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        nbytes = math.prod(shape) * dt.itemsize
         a = self._alloc(nbytes)
         if a.data is not None:
             if zero or not self.poison:
@@ -81,7 +83,7 @@ class GlobalTensor:
 
     def __init__(self, gm: GlobalMemory, allocation: _Allocation, offset: int, dtype: np.dtype, shape: tuple):
         self.gm, self.allocation, self.offset, self.dtype, self.shape = gm, allocation, offset, dtype, shape
-        self.size = int(np.prod(shape, dtype=np.int64))
+        self.size = math.prod(shape)
         self.nbytes = self.size * dtype.itemsize
 
     kind = "GM"
@@ -124,7 +126,7 @@ class GlobalTensor:
 
     def reshape(self, shape) -> "GlobalTensor":
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-        if int(np.prod(shape, dtype=np.int64)) != self.size:
+        if math.prod(shape) != self.size:
             raise BoundsError(f"cannot reshape {self.shape} ({self.size} elements) to {shape}", where=self.gm.where)
         return GlobalTensor(self.gm, self.allocation, self.offset, self.dtype, shape)
 

@@ -19,6 +19,8 @@ with their arrival times (`die.watch`); in timing-only mode they start at 0.
 """
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from .buffers import LocalTensor
@@ -195,8 +197,7 @@ class RemoteInstructions:
         hist = die.watch.get(key)
         if hist is None:
             hist = die.watch[key] = {"initial": _word_value(word), "writes": [], "waiters": []}
-        hist["writes"].append((arrival, len(hist["writes"]), int(value), add))
-        hist["writes"].sort()
+        bisect.insort(hist["writes"], (arrival, len(hist["writes"]), int(value), add))
         if self.functional and not word.is_phantom:
             cur = word.flat_view(0, 1)
             cur[0] = (cur.astype(np.int64) + value if add else np.array([value])).astype(word.dtype)[0]

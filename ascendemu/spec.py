@@ -79,6 +79,7 @@ class Spec:
     vec_simple_b32_elems_per_cycle: int = param(64, "[vperf] the same op class, 32-bit")
     vec_transcendental_elems_per_cycle: int = param(32, "[vperf] Exp, Ln, Sqrt, Div: 32/cycle for 16- and 32-bit")
     vec_cast_elems_per_cycle: int = param(64, "[vperf] Cast half↔float, float↔int32, bf16→float, …")
+    vec_cast_b64_elems_per_cycle: int = param(32, "[vperf] Cast int32→int64, float→int64")
     vec_cast_b8_elems_per_cycle: int = param(128, "[vperf] Cast int8/uint8/int16 → half and half → int8/uint8/int16")
     vec_whole_reduce_cycles_per_repeat: int = param(7, "[vperf] ReduceRepeat (WholeReduceSum/Max/Min): 128/7 and 64/7 elements/cycle = 7 cycles per repeat")
     vec_block_reduce_b16_cycles_per_repeat: int = param(7, "[vperf] ReduceDataBlock 16-bit: 128/7 elements/cycle")

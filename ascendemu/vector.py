@@ -10,8 +10,10 @@ Masked-off lanes keep dst. Results are what the hardware computes in the operand
 fp16 arithmetic is rounded to fp16 after every operation.
 
 Semantics that the reference leaves open, stated here once:
-- exp, ln, sqrt, rsqrt, reciprocal and div are correctly rounded (computed in float64,
-  rounded once); integer add/sub/mul wrap (two's complement).
+- exp, ln, sqrt, rsqrt, reciprocal and div are computed in float64 and rounded once to the
+  dtype: correctly rounded for sqrt, reciprocal, div (and every fp16 rsqrt: checked
+  exhaustively); exp, ln and fp32 rsqrt are as good as float64 libm plus one rounding.
+  Integer add/sub/mul wrap (two's complement).
 - WholeReduceSum/BlockReduceSum add lanes as a pairwise tree (0+1, 2+3, …), masked lanes as
   0, rounding to the dtype at every level. Max/min with index return the first extreme lane.
 - BlockReduce writes 8 results per repeat; its dst_rep_stride counts groups of 8 results.
@@ -130,6 +132,9 @@ class VectorInstructions:
                 raise ParamError(f"{name}: MASK_PLACEHOLDER with no set_vector_mask", where=self._core.label)
             mask = self.vector_mask
         if self.mask_mode_counter:
+            if isinstance(mask, (list, tuple, np.ndarray)):
+                raise ParamError(f"{name}: in counter mode (set_mask_count) the mask is one element count, "
+                                 f"not a bit mask", where=self._core.label)
             total = int(mask)
             if total < 0:
                 raise ParamError(f"{name}: negative element count {total} in counter mode", where=self._core.label)
@@ -391,7 +396,7 @@ class VectorInstructions:
             raise ParamError(f"cast: expected a RoundMode, got {round_mode!r}", where=core.label)
         narrow = {"int8", "uint8", "int16"}
         op_class = "cast_b8" if (pair[0] in narrow and pair[1] == "float16") or \
-            (pair[0] == "float16" and pair[1] in narrow) else "cast"
+            (pair[0] == "float16" and pair[1] in narrow) else "cast_b64" if pair[1] == "int64" else "cast"
         count, mask, reps, strides = self._unpack_repeat(args, UnaryRepeatParams, 1)
         dt = dst.dtype
         self._elementwise("cast", op_class, dst, [src], lambda x: cast(x, dt, round_mode), count, mask, reps, strides)
@@ -406,16 +411,23 @@ class VectorInstructions:
         self._same_dtype("compare", (a, b))
         if dtype_name(dst.dtype) != "uint8":
             raise DTypeError(f"compare dst must be uint8 bits, got {dtype_name(dst.dtype)}", where=core.label)
-        f = _CMP[cmp_mode]
+        f = self._cmp("compare", cmp_mode)
         self._bits_op("compare", dst, [a, b], lambda x, y: f(x, y), args)
+
+    def _cmp(self, name, cmp_mode):
+        if not isinstance(cmp_mode, CMPMODE):
+            raise ParamError(f"{name}: expected a CMPMODE, got {cmp_mode!r}", where=self._core.label)
+        return _CMP[cmp_mode]
 
     def compare_scalar(self, dst, src0, scalar, cmp_mode: CMPMODE, count: int):
         """`CompareScalar(dst, src0, scalar, CMPMODE, count)`."""
         core = self._core
         (dst,) = self._operands("compare_scalar", [(dst, "dst")], None)
         (a,) = self._operands("compare_scalar", [(src0, "src0")], _FLOAT + ("int32",))
+        if dtype_name(dst.dtype) != "uint8":
+            raise DTypeError(f"compare_scalar dst must be uint8 bits, got {dtype_name(dst.dtype)}", where=core.label)
         s = np.array(scalar).astype(a.dtype)
-        f = _CMP[cmp_mode]
+        f = self._cmp("compare_scalar", cmp_mode)
         self._bits_op("compare_scalar", dst, [a], lambda x: f(x, s), (count,))
 
     def _bits_op(self, name, dst, srcs, pred, args):
@@ -423,6 +435,8 @@ class VectorInstructions:
         lanes = 256 // srcs[0].dtype.itemsize
         if len(args) == 1:
             n = int(args[0])
+            if n < 0:
+                raise ParamError(f"{name}: negative count {n}", where=core.label)
             if n * srcs[0].dtype.itemsize % 256:
                 raise ParamError(f"{name}: count {n} × {srcs[0].dtype.itemsize} B is not a multiple of 256 B",
                                  where=core.label)
@@ -442,13 +456,15 @@ class VectorInstructions:
             e = 32 // t.dtype.itemsize
             idx.append(repeat_offsets(nrep, lanes, e, blk, rep) if nrep else np.zeros((0, lanes), np.int64))
         regions = [core.span(dst, 0, nrep * lanes // 8, f"{name} dst")]
-        for t, i in zip(srcs, idx):
-            regions.append(core.span(t, int(i.min()) if i.size else 0, int(i.max()) + 1 if i.size else 0, f"{name} src"))
+        for t, i in zip(srcs, idx):  # only active lanes are read (as in _elementwise)
+            a = i[act]
+            regions.append(core.span(t, int(a.min()) if a.size else 0, int(a.max()) + 1 if a.size else 0, f"{name} src"))
         core.issue(name, Pipe.PIPE_V, costs.vector(self.spec, "simple", srcs[0].dtype.itemsize, nrep),
                    reads=regions[1:], writes=regions[:1])
         if self.functional and nrep:
             old = np.unpackbits(dst.flat_view(0, nrep * lanes // 8), bitorder="little").reshape(nrep, lanes).astype(bool)
-            new = pred(*(s.flat_view(0, s.size)[i] for s, i in zip(srcs, idx)))
+            with np.errstate(invalid="ignore"):
+                new = pred(*(s.flat_view(0, s.size)[np.where(act, i, 0)] for s, i in zip(srcs, idx)))
             dst.flat_view(0, nrep * lanes // 8)[...] = np.packbits(np.where(act, new, old), bitorder="little")
 
     def select(self, dst, sel_mask, src0, src1, sel_mode: SELMODE, count: int):
@@ -618,6 +634,8 @@ class VectorInstructions:
             raise DTypeError(f"gather src_offset must be uint32 byte offsets, got {dtype_name(off.dtype)}",
                              where=core.label)
         n = int(count)
+        if n < 0:
+            raise ParamError(f"gather: negative count {n}", where=core.label)
         regions = [core.span(dst, 0, n, "gather dst"), core.span(off, 0, n, "gather src_offset"),
                    core.span(src, 0, src.size, "gather src")]
         reps = -(-n // (256 // dst.dtype.itemsize))

@@ -18,16 +18,18 @@ Tiling (the default `MatmulTiles()`, reasoned from the cycle model in costs.py):
 * A goes GM→L1 as `nd_num` = M1 strips of 16 rows (`dst_nz_matrix_stride` = 16·K1·16), which
   is Zz order already: ONE Load2D (repeat M1·K1) moves it. B goes as strips of 16 K-rows
   (Nz per strip); ONE transposing Load2D per k-step turns a run of strips into Zn.
-* GM traffic: the loop is n-tile → m-tile → k. B's K × 128 panel stays in L1 (B_SLOTS chunks
-  of `b_chunk_k` rows, 4 × 256 × 128 × 2 B = 256 KiB) while A streams through a ring of
-  A_SLOTS k-step tiles; per-chunk flags let the next panel's chunk j load as soon as the
-  last m-tile has finished with chunk j. At 1024³ MTE2 reads B once and A N/128 times:
-  2 + 16 MiB ≈ 172 k cycles at 110 B/cycle, against 270 k cycles of Mmad. When K does not
-  fit (K > B_SLOTS · b_chunk_k) B is streamed like A (every m-tile re-reads it).
+* GM traffic: the loop is n-tile → m-tile → k. B's K × 128 panel stays in L1 (B_SLOTS = 2
+  chunks of `b_chunk_k` = 512 rows, 256 KiB) while A streams through a ring of A_SLOTS = 4
+  k-step tiles (128 KiB: MTE2 runs up to 4 k-steps ahead, which absorbs the burst of B loads
+  at the start of each n-tile). Per-chunk flags let the next panel's chunk j load as soon as
+  the last m-tile has finished with chunk j. At 1024³ MTE2 reads B once and A N/128 times:
+  2 + 16 MiB ≈ 172 k cycles at 110 B/cycle, against 270 k cycles of Mmad; the model gives
+  ~97 % cube utilisation. When K does not fit (K > B_SLOTS · b_chunk_k = 1024) B is streamed
+  like A (re-read for every m-tile) and MTE2 becomes the binding pipe (~73 % cube at 2048³).
 
 Synchronisation is flags only, CATLASS style: every "buffer free" flag is set once at the
 start and drained (waited on) at the end, so every set has its wait. Event ids:
-MTE2_MTE1 / MTE1_MTE2 0..1 for the A ring, 2..5 for the B slots; MTE1_M / M_MTE1 0..1 for
+MTE2_MTE1 / MTE1_MTE2 0..3 for the A ring, 4..5 for the B slots; MTE1_M / M_MTE1 0..1 for
 the L0A+L0B ping-pong; M_FIX / FIX_M 0..1 for the L0C ping-pong.
 """
 from __future__ import annotations
@@ -43,9 +45,10 @@ from ascendemu.numerics import as_dtype, dtype_name
 
 IN_DTYPES = ("float16", "bfloat16")
 OUT_QUANT = {"float16": QuantMode.F322F16, "bfloat16": QuantMode.F322BF16, "float32": QuantMode.NoQuant}
-A_SLOTS, A_ID = 4, 0
-B_SLOTS, B_ID = 2, 4
+A_SLOTS, A_ID = 4, 0  # L1 ring of A k-step tiles: event ids 0..3
+B_SLOTS, B_ID = 2, 4  # L1 slots of B chunks: event ids 4, 5 (ids 6, 7 are left to the system and TPipe)
 FRAC = 16  # rows of a fractal; C0 of a 16-bit type
+U16_MAX = 65535  # Nd2NzParams fields are uint16_t in Ascend C (srcDValue, srcNdMatrixStride, …)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -82,18 +85,21 @@ class MatmulTiles:
 
 def copy_gm_to_l1_strips(ctx, dst, src, rows: int, cols: int, src_cols: int) -> None:
     """`DataCopy(dst, src, Nd2NzParams)`: ND rows × cols (row pitch src_cols) → L1 as 16-row strips,
-    each strip ⌈cols/16⌉ fractals in a row — for A that is Zz order; a ragged last strip is a second move."""
+    each strip ⌈cols/16⌉ fractals in a row — for A that is Zz order. A ragged last strip is a second
+    move; so is every strip when 16 rows of the source overflow the u16 srcNdMatrixStride."""
     c1 = _cdiv(cols, FRAC)
     strip = FRAC * FRAC * c1  # elements from one strip to the next
     full, tail = divmod(rows, FRAC)
-    if full:
-        ctx.data_copy(dst, src, Nd2NzParams(nd_num=full, n_value=FRAC, d_value=cols, src_nd_matrix_stride=FRAC * src_cols,
-                                            src_d_value=src_cols, dst_nz_c0_stride=FRAC, dst_nz_n_stride=1,
-                                            dst_nz_matrix_stride=strip))
+    moves = [(0, full, FRAC)] if FRAC * src_cols <= U16_MAX else [(i, 1, FRAC) for i in range(full)]
     if tail:
-        ctx.data_copy(dst[full * strip:], src[full * FRAC * src_cols:],
-                      Nd2NzParams(nd_num=1, n_value=tail, d_value=cols, src_d_value=src_cols, dst_nz_c0_stride=FRAC,
-                                  dst_nz_n_stride=1, dst_nz_matrix_stride=strip))
+        moves.append((full, 1, tail))
+    for first, nd_num, n_value in moves:
+        if nd_num:
+            ctx.data_copy(dst[first * strip:], src[first * FRAC * src_cols:],
+                          Nd2NzParams(nd_num=nd_num, n_value=n_value, d_value=cols,
+                                      src_nd_matrix_stride=FRAC * src_cols if nd_num > 1 else 0,
+                                      src_d_value=src_cols, dst_nz_c0_stride=FRAC, dst_nz_n_stride=1,
+                                      dst_nz_matrix_stride=strip))
 
 
 @ascendemu.kernel("aic")
@@ -239,6 +245,9 @@ def matmul(die, a, b, *, out_dtype=None, tiles: MatmulTiles | None = None):
         raise ValueError(f"matmul: inner dimensions differ: a is {m} × {k}, b is {k2} × {n}")
     if min(m, n, k) < 1:
         raise ValueError(f"matmul: M, N, K must be ≥ 1, got M={m}, N={n}, K={k}")
+    if max(n, k) > U16_MAX:
+        raise ValueError(f"matmul: K = {k} and N = {n} are GM row pitches of A and B; Nd2NzParams.srcDValue "
+                         f"(uint16) allows at most {U16_MAX}")
     try:
         out = as_dtype(a.dtype if out_dtype is None else out_dtype)
     except TypeError:

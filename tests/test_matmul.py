@@ -51,7 +51,7 @@ def inputs(m, n, k, dtype, seed, integers):
 dims = st.integers(1, 200)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(deadline=None)
 @given(m=dims, n=dims, k=dims, dtype=st.sampled_from([F16, BF16]), seed=st.integers(0, 2**32 - 1),
        integers=st.booleans())
 def test_matmul_matches_numpy(m, n, k, dtype, seed, integers):
@@ -66,7 +66,7 @@ def test_matmul_matches_numpy(m, n, k, dtype, seed, integers):
 
 @pytest.mark.parametrize("tiles, shape", [
     (MatmulTiles(m=32, n=32, k=32, b_chunk_k=64), (70, 50, 300)),   # K > 4 chunks: B streamed per m-tile
-    (MatmulTiles(m=64, n=48, k=32, b_chunk_k=96), (130, 100, 200)),  # resident B, 3 k-steps per chunk
+    (MatmulTiles(m=64, n=48, k=32, b_chunk_k=96), (130, 100, 180)),  # resident B, 3 k-steps per chunk
     (MatmulTiles(), (17, 300, 1100)),                                 # default tiles, K beyond the L1 panel
 ])
 def test_other_tilings(tiles, shape):
@@ -105,10 +105,10 @@ def test_timing_only_cycles_equal_functional():
     assert rt.cores[0].busy == rf.cores[0].busy and rt.bytes == rf.bytes
 
 
-def test_cube_stays_busy_on_a_full_tile_grid():
-    """512³ in timing-only mode: the model's cube is the binding pipe (≥ 85 % busy)."""
+def test_cube_is_the_binding_pipe():
+    """1024³ in timing-only mode: the cube is the binding pipe, ≥ 85 % busy (the issue's target)."""
     die = ascendemu.Die("910c", functional=False)
-    matmul(die, die.gm.empty((512, 512), "float16"), die.gm.empty((512, 512), "float16"))
+    matmul(die, die.gm.empty((1024, 1024), "float16"), die.gm.empty((1024, 1024), "float16"))
     r = die.last_report
     busy = r.cores[0].busy
     assert max(busy, key=busy.get) == "M"

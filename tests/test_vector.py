@@ -373,6 +373,37 @@ def test_unary_special_values(dtype):
             assert_bits(got, np.array(exp * (32 // dt.itemsize), np.float64).astype(dt))
 
 
+ALL_FP16 = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+
+
+@pytest.mark.parametrize("op", list(UNARY))
+def test_unary_fp16_exhaustive(op):
+    """Every fp16 input (in two halves that fit UB): float64 result rounded once to fp16."""
+    for half in (ALL_FP16[:1 << 15], ALL_FP16[1 << 15:]):
+        (got, _), _ = run(lambda ctx, d, a: getattr(ctx, op)(d, a, half.size), np.zeros_like(half), half)
+        assert_bits(got, f64_op(UNARY[op], F16)(half), SIGNED_ZERO.get(op, True))
+
+
+def test_fp16_sqrt_rsqrt_reciprocal_are_correctly_rounded():
+    """Independent of float64 libm: r is the correctly rounded fp16 value of v = f(x) iff v lies between the
+    midpoints of r and its neighbours. v ≥ a is decided exactly: sqrt x ≥ a ⇔ x ≥ a²; 1/√x ≥ a ⇔ x·a² ≤ 1;
+    1/x ≥ a ⇔ x·a ≤ 1 (a has ≤ 12 significant bits, so every product is exact in float64; no ties occur)."""
+    x = ALL_FP16[:0x7C00]  # +0 and every positive finite value; +0 is left out of the check
+    x64 = x[1:].astype(np.float64)
+    ge = {"sqrt": lambda a: x64 >= a * a, "rsqrt": lambda a: x64 * a * a <= 1, "reciprocal": lambda a: x64 * a <= 1}
+    # the fp16 value line: 0, every positive finite value, then 65536 standing for overflow to inf
+    line = np.concatenate([ALL_FP16[:0x7C00].astype(np.float64), [65536.0]])
+    for op in ge:
+        (got, _), _ = run(lambda ctx, d, a: getattr(ctx, op)(d, a, x.size), np.zeros_like(x), x)
+        got = got[1:]
+        k = np.where(np.isinf(got), 0x7C00, got.view(np.uint16).astype(np.int64))  # position on the line
+        assert (got > 0).all() and (k < 0x7C00 + 1).all()
+        lo = (line[k] + line[np.maximum(k - 1, 0)]) / 2
+        hi = (line[k] + line[np.minimum(k + 1, 0x7C00)]) / 2
+        ok = ge[op](lo) & ((k == 0x7C00) | ~ge[op](hi))
+        assert ok.all(), f"{op}: {np.flatnonzero(~ok).size} inputs not correctly rounded, e.g. {x[1:][~ok][:4]}"
+
+
 # ------------------------------------------------------------------------------------------------ mask modes
 
 
@@ -940,8 +971,6 @@ def test_cycles_by_class():
         assert timing_case(fn, *arrays) == want, name
 
 
-@pytest.mark.xfail(strict=True, reason="costs.vector has no 32 elements/cycle class for the §3 row "
-                                       "'Cast int32→int64, float→int64'; they are charged at 64/cycle")
 def test_cycles_cast_to_int64():
     i32, i64 = np.zeros(256, I32), np.zeros(256, I64)
     assert timing_case(lambda ctx, d, s: ctx.cast(d, s, RoundMode.CAST_NONE, 256), i64, i32) == HEAD + 256 // 32
@@ -1011,6 +1040,10 @@ ERRORS = [
      r"add: operands differ in dtype \(float32, float16, float16\)"),
     ("compare dst", lambda c, d, a: c.compare(d, a, a, CMPMODE.LT, 128), (z(128), z(128)), DTypeError,
      "compare dst must be uint8"),
+    ("compare_scalar dst", lambda c, d, a: c.compare_scalar(d, a, 0.0, CMPMODE.LT, 128), (z(128), z(128)),
+     DTypeError, "compare_scalar dst must be uint8"),
+    ("compare mode", lambda c, m, a: c.compare(m, a, a, "LT", 128), (z(32, "uint8"), z(128)), ParamError,
+     "expected a CMPMODE"),
     ("select mask dtype", lambda c, d, a: c.select(d, a, d, d, SELMODE.VSEL_TENSOR_TENSOR_MODE, 16), (z(16), z(16)),
      DTypeError, "select mask must be uint8"),
     ("gather offsets dtype", lambda c, d, o: c.gather(d, d, o, 0, 8), (z(16), z(8, "int32")), DTypeError,
@@ -1043,6 +1076,8 @@ ERRORS = [
      ParamError, "MASK_PLACEHOLDER with no set_vector_mask"),
     ("counter negative", lambda c, d, a: (c.set_mask_count(), c.abs(d, a, -1, 1, UnaryRepeatParams())),
      (z(128), z(128)), ParamError, "negative element count"),
+    ("counter bit mask", lambda c, d, a: (c.set_mask_count(), c.abs(d, a, [3, 0], 1, UnaryRepeatParams())),
+     (z(128), z(128)), ParamError, "in counter mode .* the mask is one element count"),
     # repeat times and strides
     ("repeat 256", lambda c, d, a: c.abs(d, a, 128, 256, UnaryRepeatParams(1, 1, 0, 0)), (z(128), z(128)),
      ParamError, r"repeat_times 256 is outside 0\.\.255"),
@@ -1074,6 +1109,10 @@ ERRORS = [
     ("wrong arity", lambda c, d, a: c.abs(d, a, 16, 1, UnaryRepeatParams(), 0), (z(128), z(128)), ParamError,
      "pass `count`"),
     ("negative count", lambda c, d, a: c.abs(d, a, -16), (z(128), z(128)), ParamError, "negative count -16"),
+    ("compare negative count", lambda c, m, a: c.compare(m, a, a, CMPMODE.LT, -128), (z(32, "uint8"), z(128)),
+     ParamError, "compare: negative count -128"),
+    ("gather negative count", lambda c, d, o: c.gather(d, d, o, 0, -8), (z(16), z(8, "uint32")), ParamError,
+     "gather: negative count -8"),
     # bounds
     ("count past end", lambda c, d, a: c.add(d, a, a, 129), (z(128), z(256)), BoundsError,
      r"add destination touches elements \[0, 129\) of a 128-element UB tensor"),
