@@ -8,8 +8,11 @@ left of the window allow, until all its bytes are placed. Transfers are placed i
 order the scheduler processes them, which is the order of their issue in virtual time
 (the scheduler always runs the core with the earliest clock). So
 - a transfer alone finishes at exactly s + ⌈bytes / r⌉;
-- N transfers that overlap in time can never move more than bytes_per_cycle together;
+- transfers that overlap in time can never move more than bytes_per_cycle together;
 - when the link is saturated, earlier transfers keep their share and later ones wait.
+
+Full windows are skipped with a union-find "next window with room" map, so a transfer
+behind a long backlog costs O(1) amortised, not O(backlog).
 """
 from __future__ import annotations
 
@@ -23,9 +26,19 @@ class SharedLink:
         self.window = int(window_cycles)
         self.cap = self.rate * self.window
         self.used: dict[int, float] = {}  # window index → bytes placed
+        self.skip: dict[int, int] = {}  # full window → a later window that may have room
         self.total_bytes = 0
         self.busy_until = 0
-        self.full_below = 0  # every window before this index is full (windows fill in time order)
+
+    def _open(self, wi: int) -> int:
+        """The first window at or after `wi` that is not full."""
+        skip = self.skip
+        root = wi
+        while root in skip:
+            root = skip[root]
+        while wi in skip and skip[wi] != root:  # path compression
+            skip[wi], wi = root, skip[wi]
+        return root
 
     def transfer(self, start: int, nbytes: int, cap: float) -> int:
         """Place `nbytes` starting at cycle `start` at ≤ `cap` bytes/cycle; return the finish cycle."""
@@ -35,10 +48,14 @@ class SharedLink:
         cap = min(float(cap), self.rate)
         w = self.window
         used = self.used
-        t = float(max(start, self.full_below * w))
+        full = self.cap - 1e-6
+        t = float(start)
         left = float(nbytes)
         while True:
             wi = int(t // w)
+            open_wi = self._open(wi)
+            if open_wi != wi:
+                wi, t = open_wi, float(open_wi * w)
             w_end = (wi + 1) * w
             room = self.cap - used.get(wi, 0.0)
             span = w_end - t
@@ -48,12 +65,15 @@ class SharedLink:
                 rate_here = cap if room >= cap * span else room / span
                 finish = t + left / rate_here
                 used[wi] = used.get(wi, 0.0) + left
+                if used[wi] >= full:
+                    self.skip[wi] = wi + 1
                 end = math.ceil(finish - 1e-9)
-                self.busy_until = max(self.busy_until, end)
+                if end > self.busy_until:
+                    self.busy_until = end
                 return end
             if can > 0:
                 used[wi] = used.get(wi, 0.0) + can
                 left -= can
-            if wi == self.full_below and used.get(wi, 0.0) >= self.cap - 1e-6:
-                self.full_below += 1
+                if used[wi] >= full:
+                    self.skip[wi] = wi + 1
             t = float(w_end)

@@ -6,8 +6,12 @@ Under pyproject's default `--benchmark-disable` each benchmark body still runs o
 assertions hold and `extra_info` is filled either way. The host time of a run is taken with
 perf_counter inside the benchmarked function (the best of its rounds), so it exists in both modes.
 
-Recorded on the development box (2 vCPU; modelled figures are exact, host times vary):
-  modelled 277,436 cycles = 149.97 µs, cube 97.4 % busy, 14.32 TFLOPS = 94.5 % of one AIC's fp16 peak.
+Recorded on the development box (2 vCPU, shared; modelled figures are exact, host times vary):
+  modelled 277,436 cycles = 149.97 µs, cube 97.4 % busy (binding pipe M; MTE2 ~81 %, MTE1 ~77 %),
+  14.32 TFLOPS = 94.5 % of one AIC's fp16 peak.
+  host, functional: 3.7–8.7 s with OpenBLAS's default threads vs numpy fp32 25–48 ms (~80–110×); with
+  OPENBLAS_NUM_THREADS=1 0.37 s vs 25 ms (~15×): cube.py's 512 small float64 GEMMs thrash BLAS threads.
+  host, timing-only: 0.09–0.15 s.
 """
 import time
 

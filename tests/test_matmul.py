@@ -68,6 +68,7 @@ def test_matmul_matches_numpy(m, n, k, dtype, seed, integers):
     (MatmulTiles(m=32, n=32, k=32, b_chunk_k=64), (70, 50, 300)),   # K > 4 chunks: B streamed per m-tile
     (MatmulTiles(m=64, n=48, k=32, b_chunk_k=96), (130, 100, 180)),  # resident B, 3 k-steps per chunk
     (MatmulTiles(), (17, 300, 1100)),                                 # default tiles, K beyond the L1 panel
+    (MatmulTiles(), (20, 24, 4100)),  # 16 rows of A overflow the u16 srcNdMatrixStride: one Nd2Nz per strip
 ])
 def test_other_tilings(tiles, shape):
     m, n, k = shape
@@ -119,6 +120,7 @@ def test_cube_is_the_binding_pipe():
     ((4, 5), (6, 7), {}, ValueError, "inner dimensions differ: a is 4 × 5, b is 6 × 7"),
     ((4,), (4, 7), {}, ValueError, "a must be 2-D, got shape (4,)"),
     ((4, 5), (5, 0), {}, ValueError, "M, N, K must be ≥ 1, got M=4, N=0, K=5"),
+    ((4, 65536), (65536, 7), {}, ValueError, "K = 65536 and N = 7 are GM row pitches of A and B"),
     ((4, 5), (5, 7), {"out_dtype": "int8"}, TypeError, "out_dtype int8 is not one of float16, bfloat16, float32"),
     ((4, 5), (5, 7), {"out_dtype": "half"}, TypeError, "out_dtype 'half' is not one of"),
     ((4, 5), (5, 7), {"tiles": MatmulTiles(m=24)}, ValueError, "tiles.m = 24 must be a positive multiple of 16"),

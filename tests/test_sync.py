@@ -459,8 +459,8 @@ def test_tque_reuse_without_free_tensor_is_refused():
         pipe = ctx.tpipe()
         q = ae.TQue(ae.TPosition.VECIN, 1)
         pipe.init_buffer(q, 2, 256)
-        a = q.alloc_tensor("float16")
-        b = q.alloc_tensor("float16")
+        q.alloc_tensor("float16")
+        q.alloc_tensor("float16")
         q.alloc_tensor("float16")  # third
     n = line_of(body, "# third")
     with pytest.raises(ae.SyncError, match=rf"AIV 0 · test_sync.py:{n}: alloc_tensor: all 2 slots of TQue\(VECIN\) are "
