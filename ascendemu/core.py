@@ -157,6 +157,9 @@ class Core:
         if t.kind not in kinds:
             raise ParamError(f"{what} is in {t.kind}; expected {'/'.join(kinds)}", where=self.label)
         if self.buffers.get(t.kind) is not t.buffer:
+            if t.buffer.where == self.label:
+                raise ParamError(f"{what} belongs to an earlier block or launch of {self.label}; local tensors do "
+                                 f"not outlive their block", where=self.label)
             raise ParamError(f"{what} belongs to {t.buffer.where}, not to {self.label}", where=self.label)
         return t
 

@@ -19,8 +19,14 @@ def gm_charged_bytes(spec: Spec, block_bytes: int, block_count: int) -> int:
 
 
 def gm_move(spec: Spec, charged_bytes: int, bytes_per_cycle: int) -> int:
-    """A transfer with GM at one end (MTE2 read, MTE3 write)."""
+    """A transfer with GM at one end (MTE2 read, MTE3 write), alone on the die's HBM."""
     return spec.mte_gm_head_cycles + ceil_div(charged_bytes, bytes_per_cycle)
+
+
+def gm_transfer(spec: Spec, charged_bytes: int, bytes_per_cycle: int, head: int | None = None) -> tuple:
+    """`Core.issue(gm=…)` arguments of a GM transfer: its head, then its bytes through the die's shared
+    HBM at no more than the per-core rate. Alone on the HBM it costs exactly `gm_move`."""
+    return (spec.mte_gm_head_cycles if head is None else head, charged_bytes, bytes_per_cycle)
 
 
 def local_move(spec: Spec, nbytes: int, bytes_per_cycle: int) -> int:
@@ -57,6 +63,12 @@ def vector(spec: Spec, op_class: str, itemsize: int, repeats: int) -> int:
         "gather": spec.vec_gather_elems_per_cycle,
     }[op_class]
     return spec.vector_head_cycles + ceil_div(repeats * lanes, rate)
+
+
+def fixpipe_gm_transfer(spec: Spec, elements: int, out_bytes: int) -> tuple:
+    """`Core.issue(gm=…)` arguments of FixPipe → GM: 64 elements/cycle, capped by the AIC's GM write rate."""
+    rate = min(spec.fixpipe_elems_per_cycle * out_bytes / max(elements, 1), spec.aic_gm_write_bytes_per_cycle)
+    return (spec.fixpipe_head_cycles, out_bytes, rate)
 
 
 def fixpipe(spec: Spec, elements: int, out_bytes: int, to_gm: bool) -> int:

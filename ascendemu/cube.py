@@ -56,7 +56,8 @@ class CubeInstructions:
             return
         k0 = self.spec.block_bytes // a.dtype.itemsize
         mp, np_, kp = _ceil(p.m, 16), _ceil(p.n, 16), _ceil(p.k, k0)
-        reads = [core.span(a, 0, mp * kp, "mmad fm (A)"), core.span(b, 0, kp * np_, "mmad filter (B)")]
+        gemv = p.m == 1 and not p.disable_gemv
+        reads = [core.span(a, 0, kp if gemv else mp * kp, "mmad fm (A)"), core.span(b, 0, kp * np_, "mmad filter (B)")]
         writes = [core.span(c, 0, mp * np_, "mmad dst")]
         if p.cmatrix_source:
             if bias is None:
@@ -74,7 +75,11 @@ class CubeInstructions:
         core.stats.cube_ops_by_dtype[key[0]] = core.stats.cube_ops_by_dtype.get(key[0], 0) + ops
         if not self.functional:
             return
-        a_nd = zz_to_nd(a.flat_view(0, mp * kp).reshape(mp // 16, kp // k0, 16, k0), (mp, kp))[:, :p.k]
+        if gemv:  # the 1×k row is read as ND; the other 15 rows of the fractal are computed from zeros
+            a_nd = np.zeros((mp, p.k), a.dtype)
+            a_nd[0] = a.flat_view(0, p.k)
+        else:
+            a_nd = zz_to_nd(a.flat_view(0, mp * kp).reshape(mp // 16, kp // k0, 16, k0), (mp, kp))[:, :p.k]
         b_nd = zn_to_nd(b.flat_view(0, kp * np_).reshape(kp // k0, np_ // 16, 16, k0), (kp, np_))[:p.k, :]
         prod = a_nd.astype(np.float64) @ b_nd.astype(np.float64)  # (mp, np_)
         cv = c.flat_view(0, mp * np_).reshape(np_ // 16, mp // 16, 16, 16)  # Nz with 16×16 fractals

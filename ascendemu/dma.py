@@ -118,11 +118,13 @@ class DmaInstructions:
         reads = self._region(src, src_first, src_end, f"{name} source") + list(extra_reads)
         writes = self._region(dst, dst_first, dst_end, f"{name} destination") + list(extra_writes)
         nbytes = blocks * width
-        if src.kind == "GM" or dst.kind == "GM":
-            cycles = costs.gm_move(self.spec, costs.gm_charged_bytes(self.spec, width, blocks), rate)
+        if not blocks:
+            core.issue(name, pipe, 0, reads, writes)
+        elif src.kind == "GM" or dst.kind == "GM":
+            core.issue(name, pipe, 0, reads, writes,
+                       gm=costs.gm_transfer(self.spec, costs.gm_charged_bytes(self.spec, width, blocks), rate))
         else:
-            cycles = costs.local_move(self.spec, nbytes, rate)
-        core.issue(name, pipe, cycles if blocks else 0, reads, writes)
+            core.issue(name, pipe, costs.local_move(self.spec, nbytes, rate), reads, writes)
         core.count_bytes(f"{src.kind}->{dst.kind}", nbytes)
         if self.functional and blocks and width:
             sd, so = self._bytes_of(src)
@@ -249,8 +251,8 @@ class DmaInstructions:
         reads = self._region(src, 0, src_last * sz, "ND→NZ source")
         writes = self._region(dst, 0, dst_last * sz, "ND→NZ destination")
         charged = p.nd_num * costs.gm_charged_bytes(self.spec, p.d_value * sz, rows)
-        core.issue("data_copy_nd2nz", Pipe.PIPE_MTE2, costs.gm_move(self.spec, charged, self.spec.gm_read_bytes_per_cycle),
-                   reads, writes)
+        core.issue("data_copy_nd2nz", Pipe.PIPE_MTE2, 0, reads, writes,
+                   gm=costs.gm_transfer(self.spec, charged, self.spec.gm_read_bytes_per_cycle))
         core.count_bytes("GM->L1", p.nd_num * rows * p.d_value * sz)
         if not self.functional:
             return
@@ -294,8 +296,11 @@ class DmaInstructions:
         reads = self._region(src, int(src_idx.min()) * FRACTAL, (int(src_idx.max()) + 1) * FRACTAL, "load_data source")
         writes = self._region(dst, 0, (int(dst_idx[-1]) + 1) * FRACTAL, "load_data destination")
         rate = getattr(self.spec, path[1])
-        cycles = costs.gm_move(self.spec, n * FRACTAL, rate) if src.kind == "GM" else costs.local_move(self.spec, n * FRACTAL, rate)
-        core.issue("load_data" + ("_t" if p.if_transpose else ""), path[0], cycles, reads, writes)
+        name = "load_data" + ("_t" if p.if_transpose else "")
+        if src.kind == "GM":
+            core.issue(name, path[0], 0, reads, writes, gm=costs.gm_transfer(self.spec, n * FRACTAL, rate))
+        else:
+            core.issue(name, path[0], costs.local_move(self.spec, n * FRACTAL, rate), reads, writes)
         core.count_bytes(f"{src.kind}->{dst.kind}", n * FRACTAL)
         if not self.functional:
             return

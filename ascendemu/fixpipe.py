@@ -126,8 +126,12 @@ class FixpipeInstructions:
         if atomic is not None and atomic != dst.dtype:  # checked at issue: timing-only runs catch it too
             raise DTypeError(f"atomic add in {dtype_name(atomic)} into a {dtype_name(dst.dtype)} GM tensor",
                              where=core.label)
-        cycles = costs.fixpipe(self.spec, m * n, m * n * sz, isinstance(dst, GlobalTensor)) + extra
-        core.issue("fixpipe", Pipe.PIPE_FIX, cycles, reads, writes)
+        if isinstance(dst, GlobalTensor) and m * n:
+            head, nbytes, rate = costs.fixpipe_gm_transfer(self.spec, m * n, m * n * sz)
+            core.issue("fixpipe", Pipe.PIPE_FIX, 0, reads, writes, gm=(head + extra, nbytes, rate))
+        else:
+            core.issue("fixpipe", Pipe.PIPE_FIX, costs.fixpipe(self.spec, m * n, m * n * sz, False) + extra, reads,
+                       writes)
         core.count_bytes(f"L0C->{dst.kind}", m * n * sz)
         if not self.functional or not m or not n:
             return

@@ -69,7 +69,8 @@ class LoadData2DParams:
 @dataclass(frozen=True)
 class MmadParams:
     """Mmad: C[m, n] (+)= A[m, k] · B[k, n]. cmatrix_init_val: C starts at 0 (else accumulate);
-    cmatrix_source: C starts from the BiasTable."""
+    cmatrix_source: C starts from the BiasTable. With m = 1 the cube runs as a GEMV and reads L0A as a
+    plain ND row [GEMV.md], unless disable_gemv."""
     m: int = 0
     n: int = 0
     k: int = 0
@@ -78,6 +79,7 @@ class MmadParams:
     is_bias: bool = False
     unit_flag: int = 0
     k_direction_align: bool = False
+    disable_gemv: bool = False
 
 
 @dataclass(frozen=True)

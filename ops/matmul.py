@@ -177,7 +177,8 @@ def matmul_kernel(ctx, a, b, c, m, n, k, tiles):
                     first = k0 == 0
                     if not first and m1 * n1 < 10:  # [Mmad.md] hazard on small accumulating tiles
                         ctx.pipe_barrier(ascendemu.PIPE_M)
-                    ctx.mmad(l0c[q], l0a[p], l0b[p], MmadParams(m=mm, n=nn, k=kk, cmatrix_init_val=first))
+                    ctx.mmad(l0c[q], l0a[p], l0b[p], MmadParams(m=mm, n=nn, k=kk, cmatrix_init_val=first,
+                                                                           disable_gemv=True))
                     ctx.set_flag(HardEvent.M_MTE1, p)
                 if free_b:
                     ctx.set_flag(HardEvent.MTE1_MTE2, B_ID + sb)

@@ -327,3 +327,32 @@ def test_error_bias():
     expect(lambda ctx: ctx.mmad(ctx.l0c.alloc((1024,), "float32"), ctx.l0b.alloc((1024,), "float16"),
                                 ctx.l0b.alloc((1024,), "float16"), MmadParams(16, 16, 16)),
            ParamError, r"mmad fm \(A\) is in L0B; expected L0A")
+
+
+def test_mmad_gemv_m1_reads_l0a_as_nd():
+    """m = 1: L0A holds the 1×k row contiguously (ND); k > k0 tells ND from Zz apart."""
+    rng = np.random.default_rng(3)
+    k, n = 48, 16
+    a = rng.integers(-4, 5, (1, k)).astype(np.float16)
+    w = rng.integers(-4, 5, (n, k)).astype(np.float16)
+    die = ae.Die("910c")
+    g_a = die.gm.from_numpy(np.concatenate([a.reshape(-1), np.zeros(3 * 256 - k, np.float16)]))
+    g_w, g_c = die.gm.from_numpy(ae.layouts.nd_to_nz(w)), die.gm.empty((1, n), "float32")
+
+    @ae.kernel("aic")
+    def gemv(ctx):
+        a1, w1 = ctx.l1.alloc((3 * 256,), "float16"), ctx.l1.alloc((3 * 256,), "float16")
+        ctx.data_copy(a1, g_a)
+        ctx.data_copy(w1, g_w)
+        sync(ctx, E.MTE2_MTE1)
+        a0, b0 = ctx.l0a.alloc((3 * 256,), "float16"), ctx.l0b.alloc((3 * 256,), "float16")
+        ctx.load_data(a0, a1, LoadData2DParams(0, 3, 1))  # the ND row, fractal by fractal
+        ctx.load_data(b0, w1, LoadData2DParams(0, 3, 1))
+        sync(ctx, E.MTE1_M)
+        c0 = ctx.l0c.alloc((256,), "float32")
+        ctx.mmad(c0, a0, b0, MmadParams(1, n, k))
+        sync(ctx, E.M_FIX)
+        ctx.fixpipe(g_c, c0, FixpipeParamsV220(n_size=n, m_size=1, dst_stride=n))
+
+    die.launch(gemv)
+    np.testing.assert_array_equal(g_c.numpy(), a.astype(np.float32) @ w.T.astype(np.float32))

@@ -362,7 +362,9 @@ def test_cores_run_in_parallel_and_extra_blocks_run_in_later_rounds():
     one, r48, r96 = run(1), run(48), run(96)
     assert len(r48.cores) == len(r96.cores) == 48
     assert one.cycles <= r48.cycles  # 48 cores share the die's HBM
-    assert 1.9 <= r96.cycles / r48.cycles <= 2.1
+    # A second round starts on each core when its first ends; with the HBM shared, the staggered
+    # second round meets less contention than the first, so it is less than a full round longer.
+    assert 1.5 * r48.cycles <= r96.cycles <= 2.1 * r48.cycles
     assert all(c.instructions == 2 * one.cores[0].instructions for c in r96.cores)
     assert r96.bytes == {k: 96 * v for k, v in one.bytes.items()}
 
@@ -379,8 +381,6 @@ def test_vector_only_cores_do_not_slow_each_other():
     assert ae.Die("910c", functional=False).launch(k, 49).cycles == 2 * one.cycles
 
 
-@pytest.mark.xfail(reason="dma.py does not yet route GM moves through the die's shared HBM link "
-                          "(Core.issue(gm=...)), so cores never contend for HBM", strict=False)
 def test_cores_share_the_die_hbm():
     big = 64 * 1024
 
