@@ -84,7 +84,8 @@ class Report:
         if self.hbm_bytes and self.cycles:
             lines.append(f"  HBM {self.hbm_gbps:.1f} GB/s = {self.hbm_pct_of_peak:.1f}% of the die's peak")
         if self.flops:
-            lines.append(f"  cube ops {self.flops}  ({self.flops / (self.time_us * 1e6) if self.cycles else 0:.2f} TOPS)")
+            lines.append(f"  cube ops {self.flops}  ({self.flops / (self.time_us * 1e6) if self.cycles else 0:.2f} "
+                         f"TFLOPS, or TOPS for int8)")
         return "\n".join(lines)
 
     def trace_events(self, pid: int | None = None, pid_name: str | None = None) -> list:
