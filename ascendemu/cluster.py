@@ -89,5 +89,7 @@ class Cluster:
         targets = self.dies if dies is None else [self.die(i) for i in dies]
         specs = [LaunchSpec(d, kern, block_dim, args(d) if callable(args) else tuple(args), kwargs or {}, cores,
                             d.stream(stream)) for d in targets]
+        before = self.network.link_bytes()
         reports = run_launches(specs)
-        return ClusterReport(kern.name, reports, self.network.link_bytes(), self.spec.clock_mhz)
+        moved = {k: v - before.get(k, 0) for k, v in self.network.link_bytes().items() if v != before.get(k, 0)}
+        return ClusterReport(kern.name, reports, moved, self.spec.clock_mhz)

@@ -89,11 +89,11 @@ class RemoteInstructions:
 
         def xfer(start):
             t0 = start + head
-            if from_gm:
-                env.hbm.transfer(t0, nbytes, cap)
-            end, arr = net.send(src_die, dst_die.index, t0, nbytes, cap, plane)
-            dst_die.hbm.transfer(t0, nbytes, cap)
-            arrival[0] = max(arr, core.remote_floor)
+            end = env.hbm.transfer(t0, nbytes, cap) if from_gm else t0
+            end, arr = (max(end, x) for x in net.send(src_die, dst_die.index, t0, nbytes, cap, plane))
+            # the bytes land in the receiver's HBM as they arrive: from the first byte's arrival on
+            landed = dst_die.hbm.transfer(t0 + (arr - end), nbytes, cap)
+            arrival[0] = max(arr, landed, core.remote_floor)
             return end
         core.issue(name, pipe, 0, xfer=xfer, reads=self._remote_reads)
         core.remote_last = max(core.remote_last, arrival[0])
@@ -151,6 +151,7 @@ class RemoteInstructions:
         spec = self.spec
         arrival = [0]
         # The core only issues the descriptor (PIPE_S); the engine runs on its own after the launch overhead.
+        env.sched.yield_if_behind()
         start = core.issue("sdma_copy", Pipe.PIPE_S, spec.scalar_issue_cycles)
         t0 = start + spec.sdma_launch_cycles
         eng_end = net.sdma[env.die.index].transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
@@ -217,6 +218,7 @@ class RemoteInstructions:
         line = caller_line()
         key = _word_key(word)
         now = core.scalar_t
+        slept = None  # a later arrival we have let every earlier core run up to
         while True:
             hist = env.die.watch.get(key)
             if hist is None:
@@ -230,8 +232,12 @@ class RemoteInstructions:
                     if predicate(v):
                         t, value = a, v
                         break
-            if t is not None:
+            if t is not None and (t == now or (slept is not None and t <= slept)):
                 break
+            if t is not None:  # true only from a later arrival: first let cores behind it run, they may write sooner
+                slept = t
+                env.sched.sleep_until(t)
+                continue
             hist["waiters"].append(core.task)
             env.sched.block(what or f"wait_until on GM word {word!r}", line)
         core.issue("wait_until", Pipe.PIPE_S, 0, not_before=t)

@@ -74,6 +74,13 @@ class Scheduler:
             self._push(t)
             self.main.switch()
 
+    def sleep_until(self, cycle: int) -> None:
+        """Let every core whose clock is before `cycle` run first (it might still produce an earlier event)."""
+        t = self.current
+        self._seq += 1
+        heapq.heappush(self.ready, (cycle, t.order, self._seq, t))
+        self.main.switch()
+
     def block(self, what: str, line) -> None:
         """Suspend the current task until `wake(task)`."""
         t = self.current
