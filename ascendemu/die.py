@@ -169,7 +169,7 @@ class LaunchEnv:
 
 def _plan(ls: LaunchSpec):
     """[(kind, physical index, [(block_idx, sub_block_idx, group), …])] for a launch."""
-    die, spec, kern = ls.die, ls.die.spec, ls.kernel
+    spec, kern = ls.die.spec, ls.kernel
     n = int(ls.block_dim)
     if not 1 <= n <= 65535:
         raise ParamError(f"launch: block_dim {n} is outside 1..65535")

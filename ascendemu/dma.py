@@ -10,7 +10,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import costs
-from .buffers import LocalTensor, poison
+from .buffers import LocalTensor
 from .errors import AlignmentError, BoundsError, DTypeError, ParamError
 from .gm import GlobalTensor
 from .numerics import dtype_name

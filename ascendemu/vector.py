@@ -27,7 +27,7 @@ import numpy as np
 
 from . import costs
 from .errors import BoundsError, DTypeError, ParamError
-from .numerics import CAST_PAIRS, RoundMode, as_dtype, cast, dtype_name
+from .numerics import CAST_PAIRS, RoundMode, cast, dtype_name
 from .params import BinaryRepeatParams, BrcbRepeatParams, UnaryRepeatParams
 from .pipes import Pipe
 

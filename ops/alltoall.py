@@ -89,7 +89,6 @@ def all_to_all(cluster, dest: np.ndarray, msg_bytes: int, src=None, *, block_dim
 def all_to_all_reference(src: list, dest: np.ndarray) -> list:
     """What each die's receive buffer must hold: slot (s, t·topk + k) of die dest[s, t, k] = src[s][t]."""
     n, tokens, topk = dest.shape
-    msg = src[0].shape[1]
     out = [{} for _ in range(n)]
     for s in range(n):
         for t in range(tokens):
