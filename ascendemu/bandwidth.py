@@ -8,7 +8,9 @@ left of the window allow, until all its bytes are placed. Transfers are placed i
 order the scheduler processes them, which is the order of their issue in virtual time
 (the scheduler always runs the core with the earliest clock). So
 - a transfer alone finishes at exactly s + ⌈bytes / r⌉;
-- transfers that overlap in time can never move more than bytes_per_cycle together;
+- a transfer that starts part-way into a window may use only that part of the window's remaining room
+  (the bytes already placed are taken as spread evenly over the window), so transfers that overlap in
+  time never move more than bytes_per_cycle together;
 - when the link is saturated, earlier transfers keep their share and later ones wait.
 
 Full windows are skipped with a union-find "next window with room" map, so a transfer
@@ -57,8 +59,9 @@ class SharedLink:
             if open_wi != wi:
                 wi, t = open_wi, float(open_wi * w)
             w_end = (wi + 1) * w
-            room = self.cap - used.get(wi, 0.0)
             span = w_end - t
+            # what is left of the window, assumed spread evenly over it: only the part after t is usable
+            room = (self.cap - used.get(wi, 0.0)) * span / w
             can = min(cap * span, room)
             if can >= left:
                 # finishes in this window: at the slower of the cap and the window's remaining share

@@ -25,7 +25,7 @@ class CrossCoreState:
     def __init__(self, spec):
         self.spec = spec
         self.counters: dict = {}  # (core label, flag id, source tag) → deque of visible-at cycles
-        self.mode0: dict = {}  # (kind, flag id) → list of set times
+        self.mode0: dict = {}  # (kind, flag id) → {core label → its set times}
         self.mode0_waits: dict = {}  # (core label, flag id) → waits done
         self.sync_times: list = []
         self.sync_release: dict = {}  # generation → release cycle
@@ -63,7 +63,7 @@ class CrossCoreInstructions:
         t = start + spec.cross_core_flag_latency_cycles
         st = env.crosscore
         if mode == 0:
-            st.mode0.setdefault((self.kind, int(flag_id)), []).append(t)
+            st.mode0.setdefault((self.kind, int(flag_id)), {}).setdefault(core.label, []).append(t)
             receivers = [c for c in env.cores if c.kind == self.kind]
         elif mode in (1, 2):
             group, role = self._group(f"cross_core_set_flag mode {mode}")
@@ -77,11 +77,16 @@ class CrossCoreInstructions:
                 receivers = [(aiv0, None), (aiv1, None)]
             else:
                 receivers = [(aic, role)]
-            for rc, tag in receivers:
-                q = st.counter((rc.label, int(flag_id), tag))
+            pending = [(rc, st.counter((rc.label, int(flag_id), tag))) for rc, tag in receivers]
+            if any(len(q) >= spec.cross_core_counter_max for _, q in pending):
+                # Full only in scheduler order? A receiver behind in virtual time may still take sets before t
+                # (it yields at its next wait once it passes t): let every core before t run, then judge.
+                env.sched.sleep_until(t)
+            for rc, q in pending:
                 if len(q) >= spec.cross_core_counter_max:
                     raise SyncError(f"cross_core_set_flag({flag_id}) would push {rc.label}'s counter past "
                                     f"{spec.cross_core_counter_max}: the producer is too far ahead", where=core.label)
+            for _, q in pending:
                 q.append(t)
             receivers = [rc for rc, _ in receivers]
         else:
@@ -104,6 +109,7 @@ class CrossCoreInstructions:
         st = env.crosscore
         line = caller_line()
         what = f"cross_core_wait_flag({fid})"
+        env.sched.yield_if_behind()  # take sets in virtual-time order (a producer may sleep at a full counter)
         while True:
             t = self._try_take(st, fid)
             if t is not None:
@@ -122,12 +128,14 @@ class CrossCoreInstructions:
         q = st.counter((core.label, fid, None))
         if q:
             return q.popleft()
-        sets = st.mode0.get((self.kind, fid), [])
-        n = sum(1 for c in env.cores if c.kind == self.kind)
+        # mode 0: a core's n-th wait completes once every core of its kind has set n times (each core's own
+        # n-th set: one core setting twice must not stand in for another)
+        sets = st.mode0.get((self.kind, fid), {})
         done = st.mode0_waits.get((core.label, fid), 0)
-        if len(sets) >= n * (done + 1):
+        peers = [c.label for c in env.cores if c.kind == self.kind]
+        if all(len(sets.get(lb, ())) > done for lb in peers):
             st.mode0_waits[(core.label, fid)] = done + 1
-            return max(sets[n * done:n * (done + 1)])
+            return max(sets[lb][done] for lb in peers)
         return None
 
     def sync_all(self) -> None:

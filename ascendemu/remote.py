@@ -24,7 +24,7 @@ import bisect
 import numpy as np
 
 from .buffers import LocalTensor
-from .errors import DTypeError, ParamError, caller_line
+from .errors import BoundsError, DTypeError, ParamError, caller_line
 from .gm import GlobalTensor
 from .numerics import dtype_name
 from .pipes import Pipe
@@ -118,6 +118,9 @@ class RemoteInstructions:
         if src.dtype != dst.dtype:
             raise DTypeError(f"aiv_direct_write does not convert: {dtype_name(src.dtype)} → {dtype_name(dst.dtype)}",
                              where=core.label)
+        if core.atomic is not None and core.atomic != dst.dtype:  # an MTE3 store into GM: SetAtomicAdd applies
+            raise DTypeError(f"aiv_direct_write: atomic add in {dtype_name(core.atomic)} into a "
+                             f"{dtype_name(dst.dtype)} GM tensor", where=core.label)
         n = src.size if count is None else int(count)
         if not 0 <= n <= min(src.size, dst.size):
             raise ParamError(f"aiv_direct_write of {n} elements: source has {src.size}, destination {dst.size}",
@@ -132,7 +135,11 @@ class RemoteInstructions:
         finally:
             self._remote_reads = ()
         if self.functional and n:
-            dst.flat_view(0, n)[...] = src.flat_view(0, n)
+            out = dst.flat_view(0, n)
+            if core.atomic is not None:  # read-add-write in the atomic dtype, as DataCopy UB→GM does
+                out[...] = (out + src.flat_view(0, n)).astype(core.atomic)
+            else:
+                out[...] = src.flat_view(0, n)
         return t
 
     def sdma_copy(self, dst: GlobalTensor, src: GlobalTensor, flag=None) -> int:
@@ -143,9 +150,12 @@ class RemoteInstructions:
         die = self._target_die(dst, "sdma_copy")
         if not isinstance(src, GlobalTensor) or src.gm is not core.gm:
             raise ParamError("sdma_copy: the source must be a GlobalTensor in this die's GM", where=core.label)
-        if src.dtype != dst.dtype or src.size > dst.size:
-            raise DTypeError(f"sdma_copy: {src.size} {dtype_name(src.dtype)} do not fit {dst.size} "
-                             f"{dtype_name(dst.dtype)}", where=core.label)
+        if src.dtype != dst.dtype:
+            raise DTypeError(f"sdma_copy does not convert: {dtype_name(src.dtype)} → {dtype_name(dst.dtype)}",
+                             where=core.label)
+        if src.size > dst.size:
+            raise BoundsError(f"sdma_copy: {src.size} elements do not fit the {dst.size}-element destination",
+                              where=core.label)
         nbytes = src.nbytes
         net = env.cluster.network
         spec = self.spec
@@ -156,9 +166,9 @@ class RemoteInstructions:
         t0 = start + spec.sdma_launch_cycles
         eng_end = net.sdma[env.die.index].transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
         env.hbm.transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
-        _, arr = net.send(env.die.index, die.index, t0, nbytes, spec.sdma_bytes_per_cycle)
-        die.hbm.transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
-        arrival[0] = max(arr, eng_end, core.remote_floor)
+        end, arr = net.send(env.die.index, die.index, t0, nbytes, spec.sdma_bytes_per_cycle)
+        landed = die.hbm.transfer(t0 + (arr - end), nbytes, spec.sdma_bytes_per_cycle)
+        arrival[0] = max(arr, eng_end, landed, core.remote_floor)
         core.remote_last = max(core.remote_last, arrival[0])
         core.count_bytes(f"SDMA->die{die.index}", nbytes)
         if self.functional and nbytes:

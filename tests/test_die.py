@@ -273,6 +273,39 @@ def test_mode0_barrier_among_all_aivs(work, rounds):
 
 
 @ae.kernel("aiv")
+def eager_setter(ctx, work):
+    """Block 0 sets the mode-0 flag twice before its two waits; the others alternate set/wait after work."""
+    if ctx.block_idx == 0:
+        ctx.cross_core_set_flag(0, PIPE_MTE3, 5)
+        ctx.cross_core_set_flag(0, PIPE_MTE3, 5)
+        ctx.cross_core_wait_flag(5)
+        ctx.cross_core_wait_flag(5)
+    else:
+        u = ctx.ub.alloc((4096,), "float16")
+        ctx.duplicate(u, 0.0, 4096)
+        for _ in range(2):
+            for _ in range(work):
+                ctx.adds(u, u, 1.0, 4096)
+            ctx.cross_core_set_flag(0, PIPE_V, 5)
+            ctx.cross_core_wait_flag(5)
+
+
+@settings(deadline=None)
+@given(k=st.integers(2, 48), work=st.integers(0, 10))
+def test_mode0_counts_sets_per_core(k, work):
+    """Generation n of the barrier opens when *every* core has set n times: one core's two sets must not stand in
+    for another core's one."""
+    rep = ae.Die("910c").launch(eager_setter, block_dim=k, args=(work,))
+    labels = [c.label for c in rep.cores]
+    sets = {lb: events(rep, lb, "cross_core_set_flag") for lb in labels}
+    waits = {lb: events(rep, lb, "cross_core_wait_flag") for lb in labels}
+    for gen in range(2):
+        opens = max(sets[lb][gen][0] for lb in labels) + LAT
+        assert all(waits[lb][gen][0] >= opens for lb in labels)
+        assert min(waits[lb][gen][0] for lb in labels) == opens
+
+
+@ae.kernel("aiv")
 def partial_sums_then_sync_all(ctx, x, parts, total, per):
     """Each block sums its slice into parts[block]; after SyncAll, block 0 adds up every part."""
     u = ctx.ub.alloc((per,), "float32")
@@ -316,34 +349,47 @@ def test_sync_all(k, per8, seed):
 
 
 @ae.kernel("mix")
-def flood(ctx, n_sets, slow):
-    if ctx.is_aiv and ctx.sub_block_idx == 0:
-        u = ctx.ub.alloc((4096,), "float16")
-        ctx.duplicate(u, 0.0, 4096)
+def flood(ctx, n_sets, prod_work, cons_work, consume=True):
+    """AIV sub 0 sets flag 7 n_sets times (prod_work vector ops before each); AIV sub 1 waits as often (with
+    cons_work vector ops after each), or never."""
+    if ctx.is_aic:
+        return
+    u = ctx.ub.alloc((4096,), "float16")
+    ctx.duplicate(u, 0.0, 4096)
+    if ctx.sub_block_idx == 0:
         for _ in range(n_sets):
-            for _ in range(slow):
+            for _ in range(prod_work):
                 ctx.adds(u, u, 1.0, 4096)
             ctx.cross_core_set_flag(1, PIPE_V, 7)
-    elif ctx.is_aiv and slow:
+    elif consume:
         for _ in range(n_sets):
             ctx.cross_core_wait_flag(7)
+            for _ in range(cons_work):
+                ctx.adds(u, u, 1.0, 4096)
 
 
 def test_counter_overflow_raises_sync_error():
-    die = ae.Die("910c")
-    die.launch(flood, block_dim=1, args=(15, 0))  # 15 sets nobody has taken yet: the counter's maximum
+    ae.Die("910c").launch(flood, block_dim=1, args=(15, 0, 0, False))  # 15 sets never taken: the maximum
     with pytest.raises(SyncError, match=r"AIV 0 .*cross_core_set_flag\(7\).*AIV 1's counter past 15"):
-        ae.Die("910c").launch(flood, block_dim=1, args=(16, 0))
+        ae.Die("910c").launch(flood, block_dim=1, args=(16, 0, 0, False))
+    # a consumer much slower than its producer: in virtual time 16 sets are pending at once
+    with pytest.raises(SyncError, match="AIV 1's counter past 15"):
+        ae.Die("910c").launch(flood, block_dim=1, args=(40, 0, 3))
 
 
-def test_no_false_overflow_when_the_consumer_keeps_up():
-    """A slow producer (vector work between sets) and a consumer that waits at once: in virtual time the
-    counter never exceeds 1, so 20 sets must not overflow, however far ahead the scheduler lets the producer's
-    Python run."""
-    rep = ae.Die("910c").launch(flood, block_dim=1, args=(20, 20))
+@settings(deadline=None)
+@given(n_sets=st.integers(16, 40), prod_work=st.integers(1, 4), cons_work=st.integers(0, 4))
+def test_no_false_overflow_when_the_consumer_keeps_up(n_sets, prod_work, cons_work):
+    """A producer with vector work between sets and a consumer at least as fast: in virtual time the counter
+    stays small, so many sets must not overflow, however far ahead the scheduler lets the producer's Python run
+    (its scalar unit only issues; the work is queued on PIPE_V)."""
+    if cons_work > prod_work:
+        cons_work = prod_work
+    rep = ae.Die("910c").launch(flood, block_dim=1, args=(n_sets, prod_work, cons_work))
     waits = events(rep, "AIV 1", "cross_core_wait_flag")
     sets = events(rep, "AIV 0", "cross_core_set_flag")
-    assert len(waits) == 20 and all(w[0] >= s[0] + LAT for w, s in zip(waits, sets))
+    assert len(waits) == len(sets) == n_sets
+    assert all(w[0] >= s[0] + LAT for w, s in zip(waits, sets))
 
 
 def test_cross_core_errors():
@@ -542,6 +588,8 @@ def test_overlapping_core_sets_raise():
         assert part in msg, msg
     # disjoint cores at the same time are fine
     die2 = ae.Die("910c")
+    x = die2.gm.from_numpy(np.zeros(2 * n * per, np.float32))
+    y = die2.gm.empty((2 * n * per,), "float32")
     die2.launch(stream_work, block_dim=n, args=(x, y, per, 2), cores=CoreSet(aiv=range(n)), stream=0)
     die2.launch(stream_work, block_dim=n, args=(x, y, per, 2), cores=CoreSet(aiv=range(n, 2 * n)), stream=1)
 
@@ -602,8 +650,8 @@ def test_hbm_saturation(k, nchunks):
     assert rep.hbm_bytes == k * b
     assert rep.hbm_gbps <= SPEC.peak_hbm_bytes_per_s / 1e9
     assert 0 < rep.hbm_pct_of_peak <= 100
-    if k * RD > 1.5 * HBM:  # well past saturation: the die's HBM is the bottleneck and nearly fully used
-        assert rep.hbm_pct_of_peak >= 80
+    if k * RD > 1.5 * HBM:  # well past saturation: the die's HBM is the bottleneck and mostly used
+        assert rep.hbm_pct_of_peak >= 75
 
 
 def test_hbm_gbps_grows_then_saturates():
