@@ -1,7 +1,8 @@
 """The cube unit (PIPE_M): Mmad, L0A (Zz) × L0B (Zn) → L0C (Nz, 16×16 fractals).
 
-The arithmetic is handed to BLAS in float64: int8 products and sums are exact there
-(|Σ| < 2^53), and the int32 accumulator wraps as two's complement. Float inputs give exact
+The arithmetic is handed to BLAS: int8 in float32 when k ≤ 1024 (every partial sum is an
+integer below 2^24, so exact in any order) and in float64 otherwise (|Σ| < 2^53); the int32
+accumulator wraps as two's complement. Float inputs give exact
 products; the sum is formed in float64 and rounded once to fp32 (at most as far from the
 true value as the cube's own fp32 accumulation, which the tests bound by a tolerance).
 Whole fractals are computed (padding rows and columns included, from whatever L0A/L0B
@@ -81,7 +82,11 @@ class CubeInstructions:
         else:
             a_nd = zz_to_nd(a.flat_view(0, mp * kp).reshape(mp // 16, kp // k0, 16, k0), (mp, kp))[:, :p.k]
         b_nd = zn_to_nd(b.flat_view(0, kp * np_).reshape(kp // k0, np_ // 16, 16, k0), (kp, np_))[:p.k, :]
-        prod = a_nd.astype(np.float64) @ b_nd.astype(np.float64)  # (mp, np_)
+        if c.dtype.kind == "i" and p.k <= 1024:
+            # |Σ| ≤ 1024 · 128 · 128 = 2^24: every partial sum is an integer float32 holds exactly
+            prod = (a_nd.astype(np.float32) @ b_nd.astype(np.float32)).astype(np.float64)
+        else:
+            prod = a_nd.astype(np.float64) @ b_nd.astype(np.float64)  # (mp, np_)
         cv = c.flat_view(0, mp * np_).reshape(np_ // 16, mp // 16, 16, 16)  # Nz with 16×16 fractals
         if p.cmatrix_source:
             prod = prod + bias.flat_view(0, np_).astype(np.float64)[None, :]

@@ -291,10 +291,10 @@ class DmaInstructions:
         if n == 0:
             core.issue("load_data", path[0], 0)
             return
-        src_idx = p.start_index + np.arange(n) * p.src_stride
-        dst_idx = np.arange(n) * (1 + p.dst_gap)
-        reads = self._region(src, int(src_idx.min()) * FRACTAL, (int(src_idx.max()) + 1) * FRACTAL, "load_data source")
-        writes = self._region(dst, 0, (int(dst_idx[-1]) + 1) * FRACTAL, "load_data destination")
+        src_last = p.start_index + (n - 1) * p.src_stride
+        dst_last = (n - 1) * (1 + p.dst_gap)
+        reads = self._region(src, p.start_index * FRACTAL, (src_last + 1) * FRACTAL, "load_data source")
+        writes = self._region(dst, 0, (dst_last + 1) * FRACTAL, "load_data destination")
         rate = getattr(self.spec, path[1])
         name = "load_data" + ("_t" if p.if_transpose else "")
         if src.kind == "GM":
@@ -304,9 +304,11 @@ class DmaInstructions:
         core.count_bytes(f"{src.kind}->{dst.kind}", n * FRACTAL)
         if not self.functional:
             return
+        src_idx = p.start_index + np.arange(n) * p.src_stride
+        dst_idx = np.arange(n) * (1 + p.dst_gap)
         sd, so = self._bytes_of(src)
         dd, do = self._bytes_of(dst)
-        fr = sd[so:so + (int(src_idx.max()) + 1) * FRACTAL].reshape(-1, FRACTAL)[src_idx]
+        fr = sd[so:so + (src_last + 1) * FRACTAL].reshape(-1, FRACTAL)[src_idx]
         if p.if_transpose:
             fr = fr.view(src.dtype).reshape(n, 16, 16).transpose(0, 2, 1).copy().view(np.uint8).reshape(n, FRACTAL)
-        dd[do:do + (int(dst_idx[-1]) + 1) * FRACTAL].reshape(-1, FRACTAL)[dst_idx] = fr
+        dd[do:do + (dst_last + 1) * FRACTAL].reshape(-1, FRACTAL)[dst_idx] = fr

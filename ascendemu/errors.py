@@ -43,7 +43,7 @@ class SourceLine:
         return self.short
 
 
-_IN_MACHINE: dict[str, bool] = {}  # code filename → is it a file of the machine package?
+_IN_MACHINE: dict[str, str | None] = {}  # code filename → its absolute path, or None inside the machine
 
 
 def caller_line() -> SourceLine | None:
@@ -51,11 +51,12 @@ def caller_line() -> SourceLine | None:
     frame = sys._getframe(1)
     while frame is not None:
         fn = frame.f_code.co_filename
-        inside = _IN_MACHINE.get(fn)
-        if inside is None:
-            inside = _IN_MACHINE[fn] = os.path.abspath(fn).startswith(_MACHINE_DIR + os.sep)
-        if not inside:
-            return SourceLine(os.path.abspath(fn), frame.f_lineno)
+        if fn not in _IN_MACHINE:
+            path = os.path.abspath(fn)
+            _IN_MACHINE[fn] = None if path.startswith(_MACHINE_DIR + os.sep) else path
+        path = _IN_MACHINE[fn]
+        if path is not None:
+            return SourceLine(path, frame.f_lineno)
         frame = frame.f_back
     return None
 

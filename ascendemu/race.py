@@ -27,6 +27,9 @@ from .errors import RaceError
 from .pipes import N_PIPES, Pipe
 
 
+PAGE_BYTES = 2048  # histories are kept per page of a buffer, so a check scans only nearby accesses
+
+
 class Access:
     __slots__ = ("pipe", "stamp", "start", "end", "write", "name", "line")
 
@@ -46,7 +49,7 @@ class RaceChecker:
     def __init__(self, where: str):
         self.where = where
         self.vc = [[0] * N_PIPES for _ in range(N_PIPES)]
-        self.history: dict[int, list[Access]] = {}  # id(buffer) → accesses
+        self.history: dict[int, dict[int, list[Access]]] = {}  # id(buffer) → page → accesses touching it
 
     # --- clocks --------------------------------------------------------------------------
     def tick(self, pipe: int) -> int:
@@ -73,24 +76,27 @@ class RaceChecker:
 
     # --- accesses ------------------------------------------------------------------------
     def access(self, buffer, start: int, end: int, write: bool, pipe: int, stamp: int, name: str, line) -> None:
+        """Check one access against the history of the pages it touches, then record it there."""
         if end <= start:
             return
-        hist = self.history.setdefault(id(buffer), [])
+        pages = self.history.setdefault(id(buffer), {})
         row = self.vc[pipe]
-        keep = []
-        for a in hist:
-            if a.start < end and start < a.end and a.pipe != pipe and (a.write or write) and row[a.pipe] < a.stamp \
-                    and (a.write or a.pipe != Pipe.PIPE_S):  # a scalar read is done before later issue
-                new = Access(pipe, stamp, start, end, write, name, line)
-                lo, hi = max(a.start, start), min(a.end, end)
-                raise RaceError(
-                    f"race on {buffer.kind}[{lo:#x}, {hi:#x}): no flag, barrier or queue operation orders\n"
-                    f"    earlier: {a.describe(buffer.kind)}\n    later:   {new.describe(buffer.kind)}",
-                    where=f"{self.where} · {buffer.kind}", line=line)
-            covered = start <= a.start and a.end <= end
-            ordered = a.pipe == pipe or row[a.pipe] >= a.stamp or (a.pipe == Pipe.PIPE_S and not a.write)
-            if covered and ordered and (write or (not a.write and a.pipe == pipe)):
-                continue
-            keep.append(a)
-        keep.append(Access(pipe, stamp, start, end, write, name, line))
-        self.history[id(buffer)] = keep
+        new = Access(pipe, stamp, start, end, write, name, line)
+        for pg in range(start // PAGE_BYTES, (end - 1) // PAGE_BYTES + 1):
+            keep = []
+            for a in pages.get(pg, ()):
+                if a.start < end and start < a.end and a.pipe != pipe and (a.write or write) \
+                        and row[a.pipe] < a.stamp \
+                        and (a.write or a.pipe != Pipe.PIPE_S):  # a scalar read is done before later issue
+                    lo, hi = max(a.start, start), min(a.end, end)
+                    raise RaceError(
+                        f"race on {buffer.kind}[{lo:#x}, {hi:#x}): no flag, barrier or queue operation orders\n"
+                        f"    earlier: {a.describe(buffer.kind)}\n    later:   {new.describe(buffer.kind)}",
+                        where=f"{self.where} · {buffer.kind}", line=line)
+                covered = start <= a.start and a.end <= end
+                ordered = a.pipe == pipe or row[a.pipe] >= a.stamp or (a.pipe == Pipe.PIPE_S and not a.write)
+                if covered and ordered and (write or (not a.write and a.pipe == pipe)):
+                    continue
+                keep.append(a)
+            keep.append(new)
+            pages[pg] = keep

@@ -71,6 +71,22 @@ def repeat_offsets(repeats, lanes, elems_per_block, blk_stride, rep_stride):
     return out
 
 
+def _span_of_repeats(reps, act, lanes, e, blk, rep):
+    """[lo, hi) of the element offsets `repeat_offsets` gives for the active lanes, in closed form.
+
+    Offsets grow with the repeat (strides are ≥ 0) and a later repeat's active lanes are a subset of
+    the first's (the same mask, or a shorter count), so the minimum is in repeat 0 and the maximum in
+    one of the last two repeats that have an active lane."""
+    if not reps or not act.any():
+        return 0, 0
+    j = np.arange(lanes)
+    base = (j // e) * blk * e + j % e
+    lo = int(base[act[0]].min())
+    rows = np.flatnonzero(act.any(axis=1))[-2:]  # the last two repeats with an active lane
+    hi = max(int(r) * rep * e + int(base[act[r]].max()) for r in rows)
+    return lo, hi + 1
+
+
 def _exact(fn, dt):
     """A float op computed in float64 and rounded once to `dt`."""
     return lambda *xs: fn(*(x.astype(np.float64) for x in xs)).astype(dt)
@@ -211,20 +227,23 @@ class VectorInstructions:
         else:
             reps, act = self._lane_mask(name, mask, repeat_times, lanes)
             self._check_strides(name, strides, reps)
-            idx = []
+            idx = [] if self.functional else None
             regions = []
             for i, (t, (blk, rep)) in enumerate(zip(ops, strides)):
                 e = self.spec.block_bytes // t.dtype.itemsize
-                full = repeat_offsets(reps, lanes, e, blk, rep)[act] if reps else np.zeros(0, np.int64)
-                idx.append(full)
-                lo, hi = (int(full.min()), int(full.max()) + 1) if full.size else (0, 0)
+                if idx is not None:
+                    full = repeat_offsets(reps, lanes, e, blk, rep)[act] if reps else np.zeros(0, np.int64)
+                    idx.append(full)
+                    lo, hi = (int(full.min()), int(full.max()) + 1) if full.size else (0, 0)
+                else:  # timing only: the same bounds without building every offset
+                    lo, hi = _span_of_repeats(reps, act, lanes, e, blk, rep)
                 regions.append(core.span(t, lo, hi, f"{name} {'destination' if i == 0 else 'source'}"))
         cycles = costs.vector(self.spec, op_class, cost_itemsize or max(t.dtype.itemsize for t in ops), reps)
         core.issue(name, Pipe.PIPE_V, cycles, reads=regions[1:], writes=regions[:1])
         core.stats.vector_elems += reps * lanes
         if not self.functional:
             return
-        if idx is None:
+        if repeat_times is None:
             vals = [s.flat_view(0, int(count)) for s in srcs]
             with np.errstate(all="ignore"):
                 dst.flat_view(0, int(count))[...] = fn(*vals)

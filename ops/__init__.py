@@ -1,4 +1,18 @@
-"""Hand-written kernels on the emulator (INT8 GEMM, MLA, MoE dispatch/combine).
+"""Hand-written kernels on the emulator, each with its NumPy reference beside it.
 
-Nothing is built here yet: the kernels arrive with the INT8 GEMM, MLA and MoE issues.
+- matmul: a tiled fp16/bf16 matmul on one AIC.
+- int8_gemm: per-channel weight quantisation and packing, INT8 GEMM and grouped (expert) INT8 GEMM on
+  24 AIC + 48 AIV with dequantisation on the AIV.
+- quant, swiglu, norm (on rowwise): per-token quantisation, SwiGLU fused with re-quantisation, RMSNorm and
+  add-RMSNorm on the AIV.
+- alltoall: an AIV-Direct token exchange across a cluster.
+- mla: Multi-head Latent Attention (in progress: config, RoPE, weights, references, the paged NZ cache and
+  the FlashMLA-style decode attention).
+MoE dispatch/combine and the microbatch pipeline are not built yet.
 """
+from .int8_gemm import (GemmTiles, PackedWeight, grouped_int8_gemm, int8_gemm, pack_weight,  # noqa: E402,F401
+                        quantize_weight_per_channel)
+from .norm import add_rmsnorm, rmsnorm  # noqa: E402,F401
+from .quant import quantize_per_token  # noqa: E402,F401
+from .rowwise import RowTiling  # noqa: E402,F401
+from .swiglu import swiglu_quant  # noqa: E402,F401

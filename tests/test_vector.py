@@ -1185,3 +1185,18 @@ def test_error_messages_name_the_kernel_line():
     with pytest.raises(ae.ParamError) as info:
         run(lambda c, d, a: c.abs(d, a, 0, 1, UnaryRepeatParams()), z(128), z(128))
     assert "AIV 0" in str(info.value) and "test_vector.py" in str(info.value)
+
+
+@given(reps=st.integers(1, 12), lanes=st.sampled_from([64, 128]), blk=st.integers(0, 20), rep=st.integers(0, 20),
+       counter=st.booleans(), k=st.integers(1, 128), total=st.integers(1, 12 * 128))
+def test_timing_only_bounds_equal_the_full_offsets(reps, lanes, blk, rep, counter, k, total):
+    """Timing-only mode bounds-checks from a closed form; it must equal the bounds of every active offset."""
+    from ascendemu.vector import _span_of_repeats, repeat_offsets
+    e = 8 if lanes == 64 else 16
+    if counter:
+        total = min(total, reps * lanes)
+        act = (np.arange(reps * lanes) < total).reshape(reps, lanes)
+    else:
+        act = np.broadcast_to(np.arange(lanes) < min(k, lanes), (reps, lanes))
+    full = repeat_offsets(reps, lanes, e, blk, rep)[act]
+    assert _span_of_repeats(reps, act, lanes, e, blk, rep) == (int(full.min()), int(full.max()) + 1)
