@@ -199,11 +199,7 @@ class MLAWeights:
 
 
 def _quantize(t: dict) -> Mapping[str, Int8Weight]:
-    try:
-        from ascendemu.ops.int8_gemm import pack_weight, quantize_weight_per_channel
-    except ImportError as exc:  # pragma: no cover - the INT8 GEMM ops are part of the package
-        raise NotImplementedError(f"MLAWeights.from_hf(int8=True) needs the INT8 GEMM ops "
-                                  f"(ascendemu.ops.int8_gemm): {exc}") from None
+    from ascendemu.ops.int8_gemm import pack_weight, quantize_weight_per_channel  # ops → ops, imported when used
     out = {}
     for name in INT8_PROJECTIONS:
         if t[name] is not None:
