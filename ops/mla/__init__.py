@@ -9,3 +9,5 @@ from .rope import (KPE_ORDER, apply_rope_interleaved, apply_rope_rotate_half, de
 from .weights import MLAWeights, random_state_dict  # noqa: E402,F401
 from .reference import (mla_absorbed_decode_reference, mla_attention_absorbed_reference,  # noqa: E402,F401
                         mla_attention_naive_reference, mla_forward_reference, mla_prolog_reference, rms_norm)
+from .cache import CacheFullError, MLACache  # noqa: E402,F401
+from .attention import MLATiling, mla_attention_decode, mla_attention_decode_reference  # noqa: E402,F401
