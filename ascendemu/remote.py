@@ -142,9 +142,10 @@ class RemoteInstructions:
                 out[...] = src.flat_view(0, n)
         return t
 
-    def sdma_copy(self, dst: GlobalTensor, src: GlobalTensor, flag=None) -> int:
+    def sdma_copy(self, dst: GlobalTensor, src: GlobalTensor, flag=None, *, plane: str = "ub") -> int:
         """SDMA: copy all of `src` (this die's GM) into `dst` (any die's GM) after the SDMA launch overhead;
-        `flag=(word, value)` writes `value` into `word` once the data has arrived. Returns the arrival cycle."""
+        `flag=(word, value)` writes `value` into `word` once the data has arrived. `plane="rdma"` sends it over
+        the separate, slower RDMA network (as prefill→decode KV transfers do). Returns the arrival cycle."""
         core = self._core
         env = self._remote_env("sdma_copy")
         die = self._target_die(dst, "sdma_copy")
@@ -166,7 +167,9 @@ class RemoteInstructions:
         t0 = start + spec.sdma_launch_cycles
         eng_end = net.sdma[env.die.index].transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
         env.hbm.transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
-        end, arr = net.send(env.die.index, die.index, t0, nbytes, spec.sdma_bytes_per_cycle)
+        if plane not in ("ub", "rdma"):
+            raise ParamError(f"sdma_copy: plane {plane!r}; use 'ub' or 'rdma'", where=core.label)
+        end, arr = net.send(env.die.index, die.index, t0, nbytes, spec.sdma_bytes_per_cycle, plane)
         landed = die.hbm.transfer(t0 + (arr - end), nbytes, spec.sdma_bytes_per_cycle)
         arrival[0] = max(arr, eng_end, landed, core.remote_floor)
         core.remote_last = max(core.remote_last, arrival[0])

@@ -572,3 +572,27 @@ def test_cluster_report_links_and_trace(tmp_path):
     rep.reports[3].write_trace(p1)
     ev1 = json.loads(p1.read_text())["traceEvents"]
     assert {e["pid"] for e in ev1} == {16}
+
+
+def test_sdma_over_the_rdma_plane_is_slower_and_uses_the_rdma_ports():
+    """The RDMA plane is a separate, slower network: the same copy arrives later and loads only RDMA ports."""
+    arrivals = {}
+    for plane in ("ub", "rdma"):
+        cl = ae.Cluster("910c", dies=17, functional=False)
+        src = cl.die(0).gm.empty(1 << 20, "int8")
+        dst = cl.die(16).gm.empty(1 << 20, "int8")
+        got = []
+
+        @ae.kernel("aiv")
+        def send(ctx):
+            if ctx._core.env.die.index == 0 and ctx.block_idx == 0:
+                got.append(ctx.sdma_copy(dst, src, plane=plane))
+        rep = cl.launch(send, block_dim=1, dies=[0, 16])
+        arrivals[plane] = got[0]
+        assert any(("RDMA" in k) == (plane == "rdma") for k in rep.link_bytes)
+    spec = ae.spec.get("910c")
+    assert arrivals["rdma"] - arrivals["ub"] >= (1 << 20) / spec.rdma_port_bytes_per_cycle - (1 << 20) / spec.sdma_bytes_per_cycle
+    with pytest.raises(ae.ParamError, match="plane 'x'"):
+        cl = ae.Cluster("910c", dies=2, functional=False)
+        s, d = cl.die(0).gm.empty(64, "int8"), cl.die(1).gm.empty(64, "int8")
+        cl.launch(ae.kernel("aiv")(lambda ctx: ctx.sdma_copy(d, s, plane="x")), dies=[0])
