@@ -181,7 +181,8 @@ class Core:
 
     @property
     def end_time(self) -> int:
-        return max([self.scalar_t] + [self.pipe_free[int(p)] for p in self.pipes])
+        # a kernel is done when its pipes are idle and its remote writes and SDMA copies have landed
+        return max([self.scalar_t, self.remote_last] + [self.pipe_free[int(p)] for p in self.pipes])
 
     def clock(self) -> int:
         """The cycle at which the scalar unit issues next (the scheduler's ordering key)."""

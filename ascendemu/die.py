@@ -134,6 +134,16 @@ class Die:
         returns (and keeps as `last_report`) its Report."""
         return self.stream(stream).launch(kern, block_dim, args, kwargs, cores)
 
+    def _check_free(self, ls: "LaunchSpec") -> None:
+        """Refuse a launch whose cores another stream still holds when it starts."""
+        start = ls.stream.time
+        for kind, idx, _ in _plan(ls):
+            for k, i, s, e, n, si in self._occupancy:
+                if k == kind and i == idx and si != ls.stream.index and s <= start < e:
+                    raise ParamError(f"launch {ls.kernel.name} on stream {ls.stream.index} needs {kind.upper()} {idx} "
+                                     f"at cycle {start}, while {n} on stream {si} holds it during [{s}, {e}): "
+                                     f"concurrent launches need disjoint core sets", where=f"die {self.index}")
+
     def _occupy(self, kind, idx, start, end, name, stream_idx):
         for k, i, s, e, n, si in self._occupancy:
             if k == kind and i == idx and s < end and start < e and si != stream_idx:
@@ -203,6 +213,9 @@ def run_launches(specs: list[LaunchSpec]) -> list[Report]:
 
     BLAS is held to one thread meanwhile: the cube hands many small tile products to it,
     and a thread pool's wake-up costs more than such a product."""
+    for ls in specs:  # concurrent launches on overlapping cores are refused before anything runs
+        ls.die._check_free(ls)
+        ls.die.watch.clear()  # flag words start each launch from what GM holds
     with threadpool_limits(limits=1, user_api="blas"):
         return _run_launches(specs)
 
@@ -235,7 +248,12 @@ def _run_launches(specs: list[LaunchSpec]) -> list[Report]:
         for core, blocks in cores:
             core.task = sched.spawn(core.label, _body(core, blocks, ls), core.clock)
         runs.append((ls, env, start, cores))
-    sched.run()
+    try:
+        sched.run()
+    except BaseException:
+        for ls, env, start, cores in runs:  # a failed launch still used the time it ran
+            ls.stream.time = max([start] + [c.end_time for c, _ in cores])
+        raise
     reports = []
     for ls, env, start, cores in runs:
         die = ls.die

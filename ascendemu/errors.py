@@ -36,8 +36,7 @@ class SourceLine:
         text = self.text
         if not text:
             return ""
-        indent = len(text) - len(text.lstrip())
-        return f"\n    {text.strip()}\n    ^" if indent >= 0 else ""
+        return f"\n    {text.strip()}\n    ^"
 
     def __str__(self) -> str:
         return self.short
@@ -53,7 +52,9 @@ def caller_line() -> SourceLine | None:
         fn = frame.f_code.co_filename
         if fn not in _IN_MACHINE:
             path = os.path.abspath(fn)
-            _IN_MACHINE[fn] = None if path.startswith(_MACHINE_DIR + os.sep) else path
+            # the machine is the package's own modules; ascendemu/ops and ascendemu/layouts (where an
+            # installed copy puts them) are kernel and format code, whose lines errors must show
+            _IN_MACHINE[fn] = None if os.path.dirname(path) == _MACHINE_DIR else path
         path = _IN_MACHINE[fn]
         if path is not None:
             return SourceLine(path, frame.f_lineno)

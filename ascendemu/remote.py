@@ -94,7 +94,7 @@ class RemoteInstructions:
             # the bytes land in the receiver's HBM as they arrive: from the first byte's arrival on
             landed = dst_die.hbm.transfer(t0 + (arr - end), nbytes, cap)
             arrival[0] = max(arr, landed, core.remote_floor)
-            return end
+            return max(end, landed) if dst_die is env.die else end  # a store into its own die's HBM
         core.issue(name, pipe, 0, xfer=xfer, reads=self._remote_reads)
         core.remote_last = max(core.remote_last, arrival[0])
         core.count_bytes(f"{'GM' if from_gm else 'UB'}->die{dst_die.index}", nbytes)
@@ -157,6 +157,10 @@ class RemoteInstructions:
         if src.size > dst.size:
             raise BoundsError(f"sdma_copy: {src.size} elements do not fit the {dst.size}-element destination",
                               where=core.label)
+        if plane not in ("ub", "rdma"):
+            raise ParamError(f"sdma_copy: plane {plane!r}; use 'ub' or 'rdma'", where=core.label)
+        if flag is not None:
+            self._check_flag_word(flag[0], "sdma_copy flag")
         nbytes = src.nbytes
         net = env.cluster.network
         spec = self.spec
@@ -167,8 +171,6 @@ class RemoteInstructions:
         t0 = start + spec.sdma_launch_cycles
         eng_end = net.sdma[env.die.index].transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
         env.hbm.transfer(t0, nbytes, spec.sdma_bytes_per_cycle)
-        if plane not in ("ub", "rdma"):
-            raise ParamError(f"sdma_copy: plane {plane!r}; use 'ub' or 'rdma'", where=core.label)
         end, arr = net.send(env.die.index, die.index, t0, nbytes, spec.sdma_bytes_per_cycle, plane)
         landed = die.hbm.transfer(t0 + (arr - end), nbytes, spec.sdma_bytes_per_cycle)
         arrival[0] = max(arr, eng_end, landed, core.remote_floor)
@@ -190,10 +192,7 @@ class RemoteInstructions:
     def remote_write_flag(self, word: GlobalTensor, value: int) -> int:
         """Write `value` into the GM word `word` (any die, this one included) over MTE3; returns its arrival."""
         core = self._core
-        die = self._target_die(word, "remote_write_flag")
-        if word.dtype.kind not in "iu" or word.size < 1:
-            raise DTypeError(f"remote_write_flag: the flag word must be an integer GM tensor, got "
-                             f"{dtype_name(word.dtype)} {word.shape}", where=core.label)
+        die = self._check_flag_word(word, "remote_write_flag")
         add = core.atomic is not None
         if add and core.atomic != word.dtype:
             raise DTypeError(f"remote_write_flag: atomic add in {dtype_name(core.atomic)} into a "
@@ -204,6 +203,13 @@ class RemoteInstructions:
                        head=self.spec.aiv_direct_head_cycles, pipe=Pipe.PIPE_MTE3)
         self._record_flag(word, value, t, add)
         return t
+
+    def _check_flag_word(self, word, what: str):
+        die = self._target_die(word, what)
+        if word.dtype.kind not in "iu" or word.size < 1:
+            raise DTypeError(f"{what}: the flag word must be an integer GM tensor, got "
+                             f"{dtype_name(word.dtype)} {word.shape}", where=self._core.label)
+        return die
 
     def _record_flag(self, word: GlobalTensor, value: int, arrival: int, add: bool = False) -> None:
         die = word.gm.die

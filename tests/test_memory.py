@@ -340,3 +340,21 @@ def test_negative_shapes():
         with pytest.raises(ae.BoundsError, match=r"negative shape \(-4,\)"):
             ctx.ub.alloc(-4, "int8")
     run(body)
+
+
+def test_error_lines_point_into_installed_ops_and_layouts():
+    """Installed, ascendemu/ops and ascendemu/layouts sit under the machine's folder; their frames are still
+    kernel code, whose source lines errors must show (only the machine's own modules are skipped)."""
+    import os
+
+    from ascendemu import errors
+    for sub in ("ops", "layouts"):
+        fake = os.path.join(errors._MACHINE_DIR, sub, "kernel_here.py")
+        code = compile("line = caller_line()", fake, "exec")
+        ns = {"caller_line": errors.caller_line}
+        exec(code, ns)
+        assert ns["line"] is not None and ns["line"].filename == fake
+    code = compile("line = caller_line()", os.path.join(errors._MACHINE_DIR, "dma.py"), "exec")
+    ns = {"caller_line": errors.caller_line}
+    exec(code, ns)
+    assert ns["line"] is None or ns["line"].filename != os.path.join(errors._MACHINE_DIR, "dma.py")
