@@ -65,6 +65,17 @@ _POISON = {"float32": np.array([0x7FC00000], np.uint32).view(np.uint8),
            "float16": np.array([0x7E00], np.uint16).view(np.uint8),
            "bfloat16": np.array([0x7FC0], np.uint16).view(np.uint8)}
 INT_POISON_BYTE = 0xBE
+# Untyped storage (TQue slots, TBuf) is filled with 0xFF: NaN in fp32, fp16 and bf16 at any 2-byte offset,
+# so a float view of a slot never written still shows as NaN.
+RAW_POISON_BYTE = 0xFF
+
+
+def machine_dtype(x, where: str) -> np.dtype:
+    """`numerics.as_dtype`, raising the machine's DTypeError (which names where) instead of a bare TypeError."""
+    try:
+        return as_dtype(x)
+    except TypeError as e:
+        raise DTypeError(str(e), where=where) from None
 
 
 def poison(data: np.ndarray, dtype: np.dtype) -> None:
@@ -91,7 +102,7 @@ class LocalBuffer:
 
     def alloc(self, shape, dtype, *, zero: bool = False, align: int | None = None) -> "LocalTensor":
         """Allocate a tensor; fresh memory is poisoned unless `zero`."""
-        dt = as_dtype(dtype)
+        dt = machine_dtype(dtype, f"{self.where} · {self.kind}")
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise BoundsError(f"negative shape {shape}", where=f"{self.where} · {self.kind}")
@@ -110,6 +121,13 @@ class LocalBuffer:
             elif self.poison:
                 poison(region, dt)
         return LocalTensor(self, off, dt, shape)
+
+    def alloc_raw(self, nbytes: int) -> "LocalTensor":
+        """Untyped storage for TPipe queues and buffers: uint8, poisoned with RAW_POISON_BYTE."""
+        t = self.alloc((nbytes,), "uint8")
+        if self.data is not None and self.poison:
+            self.data[t.offset:t.offset + t.nbytes] = RAW_POISON_BYTE
+        return t
 
     def reset(self) -> None:
         """Free every allocation (Ascend C `TPipe::Reset`)."""
@@ -167,7 +185,7 @@ class LocalTensor:
 
     def reinterpret_cast(self, dtype) -> "LocalTensor":
         """The same bytes seen as another dtype (Ascend C `ReinterpretCast<T>()`)."""
-        dt = as_dtype(dtype)
+        dt = machine_dtype(dtype, f"{self.buffer.where} · {self.kind}")
         if self.nbytes % dt.itemsize:
             raise DTypeError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements",
                               where=f"{self.buffer.where} · {self.kind}")

@@ -15,14 +15,14 @@ from collections import deque
 
 import numpy as np
 
-from .buffers import BUFFER_KINDS, LocalBuffer, LocalTensor, TPosition
+from .buffers import BUFFER_KINDS, LocalBuffer, LocalTensor, TPosition, machine_dtype
 from .checks import Checks
 from .crosscore import CrossCoreInstructions
 from .cube import CubeInstructions
 from .dma import DmaInstructions
 from .errors import BoundsError, DTypeError, EmulatorError, ParamError, SyncError, caller_line
 from .fixpipe import FixpipeInstructions
-from .numerics import as_dtype, dtype_name
+from .numerics import dtype_name
 from .pipes import CORE_PIPES, LEGAL_EVENTS, N_PIPES, HardEvent, Pipe
 from .race import RaceChecker
 from .remote import RemoteInstructions
@@ -144,6 +144,21 @@ class Core:
             for buf, lo, hi in writes:
                 self.race.access(buf, lo, hi, True, p, stamp, name, line)
         return start
+
+    def scalar(self, dt: np.dtype, value, what: str):
+        """A scalar operand in dtype `dt`: floats are rounded via fp32 to `dt`; an integer must fit `dt`
+        (nothing is silently wrapped)."""
+        if dt.kind in "iu":
+            if isinstance(value, float) and not float(value).is_integer():
+                raise ParamError(f"{what}: {value!r} is not an integer, and the operand is {dtype_name(dt)}",
+                                 where=self.label)
+            v = int(value)
+            info = np.iinfo(dt)
+            if not info.min <= v <= info.max:
+                raise ParamError(f"{what}: {v} does not fit {dtype_name(dt)} [{info.min}, {info.max}]",
+                                 where=self.label)
+            return np.array(v).astype(dt)
+        return np.array(value, np.float64).astype(np.float32).astype(dt)
 
     def count_bytes(self, path: str, nbytes: int) -> None:
         self.stats.bytes[path] = self.stats.bytes.get(path, 0) + nbytes
@@ -319,15 +334,15 @@ class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, Fixpipe
         core = self._core
         t = core.local(tensor, tuple(core.buffers), "set_value tensor")
         i = int(index)
+        v = core.scalar(t.dtype, value, "set_value")
         core.issue("set_value", Pipe.PIPE_S, self.spec.scalar_access_cycles, writes=[core.span(t, i, i + 1, "set_value")])
         if self.functional:
-            t.flat_view(i, 1)[0] = np.asarray(value).astype(t.dtype) if t.dtype.kind in "iu" else \
-                np.float64(value).astype(np.float32).astype(t.dtype)
+            t.flat_view(i, 1)[0] = v
 
     # --- atomics ----------------------------------------------------------------------------------
     def set_atomic_add(self, dtype) -> None:
         """`SetAtomicAdd<T>()`: later moves into GM read-add-write in `dtype` [SetAtomicAdd.md]."""
-        dt = as_dtype(dtype)
+        dt = machine_dtype(dtype, self._core.label)
         allowed = ("int8", "int16", "float16", "bfloat16", "int32", "float32")
         if dtype_name(dt) not in allowed:
             raise DTypeError(f"set_atomic_add: {dtype_name(dt)} is not supported; use one of {', '.join(allowed)}",

@@ -63,7 +63,13 @@ class CrossCoreInstructions:
         t = start + spec.cross_core_flag_latency_cycles
         st = env.crosscore
         if mode == 0:
-            st.mode0.setdefault((self.kind, int(flag_id)), {}).setdefault(core.label, []).append(t)
+            mine = st.mode0.setdefault((self.kind, int(flag_id)), {}).setdefault(core.label, [])
+            slowest = min(st.mode0_waits.get((c.label, int(flag_id)), 0) for c in env.cores if c.kind == self.kind)
+            if len(mine) - slowest >= spec.cross_core_counter_max:
+                raise SyncError(f"cross_core_set_flag(0, {flag_id}): {len(mine) - slowest} barrier sets of "
+                                f"{core.label} are pending; the counter holds at most {spec.cross_core_counter_max}",
+                                where=core.label)
+            mine.append(t)
             receivers = [c for c in env.cores if c.kind == self.kind]
         elif mode in (1, 2):
             group, role = self._group(f"cross_core_set_flag mode {mode}")

@@ -88,11 +88,11 @@ class BoundsError(EmulatorError):
     """A view or an access reaches outside its tensor or buffer."""
 
 
-class DTypeError(EmulatorError):
+class DTypeError(EmulatorError, TypeError):
     """An operand has a dtype the instruction does not accept, or dtypes disagree."""
 
 
-class ParamError(EmulatorError):
+class ParamError(EmulatorError, ValueError):
     """An instruction parameter is out of its legal range, or a combination is unsupported."""
 
 

@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 
-from .buffers import _index, poison
+from .buffers import _index, machine_dtype, poison
 from .errors import AllocationError, BoundsError, DTypeError, PhantomError, fmt_bytes
-from .numerics import as_dtype, dtype_name
+from .numerics import dtype_name
 
 
 class _Allocation:
@@ -43,7 +43,7 @@ class GlobalMemory:
 
     def empty(self, shape, dtype, *, zero: bool = False) -> "GlobalTensor":
         """A new tensor, poisoned (NaN / 0xBE bytes) unless `zero`; a phantom in timing-only mode."""
-        dt = as_dtype(dtype)
+        dt = machine_dtype(dtype, self.where)
         shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
         if any(s < 0 for s in shape):
             raise BoundsError(f"negative shape {shape}", where=self.where)
@@ -62,7 +62,7 @@ class GlobalMemory:
     def from_numpy(self, array) -> "GlobalTensor":
         """Copy a host array into GM. In timing-only mode only its shape and dtype are kept."""
         array = np.asarray(array)
-        dt = as_dtype(array.dtype)
+        dt = machine_dtype(array.dtype, self.where)
         t = self.empty(array.shape, dt, zero=False)
         if t.allocation.data is not None:
             t.allocation.data[:] = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
@@ -134,7 +134,7 @@ class GlobalTensor:
         return self.reshape((self.size,))
 
     def reinterpret_cast(self, dtype) -> "GlobalTensor":
-        dt = as_dtype(dtype)
+        dt = machine_dtype(dtype, self.gm.where)
         if self.nbytes % dt.itemsize:
             raise DTypeError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements", where=self.gm.where)
         return GlobalTensor(self.gm, self.allocation, self.offset, dt, (self.nbytes // dt.itemsize,))

@@ -202,6 +202,10 @@ def _910b(name: str, aic: int, hbm_gib: int, clock: float, note: str) -> Spec:
         "aiv_per_die": (2 * aic, note + "; 2 AIV per AIC [basic]"),
         "hbm_gib": (hbm_gib, note),
         "clock_mhz": (clock, note),
+        "hbm_bytes_per_cycle": (round(1.6e12 / (clock * 1e6)), "⚠ assumption: the same ~1.6 TB/s as a 910C die "
+                                "(third-party), ÷ this part's clock"),
+        "dies_per_package": (1, "⚠ a 910B package is one die (not in the reference)"),
+        "ub_port_bytes_per_cycle": (106, "⚠ 910C value, kept for what-ifs: 910B servers have no UB supernode"),
     })
 
 
@@ -216,6 +220,10 @@ def _replace(spec: Spec, changes: dict) -> Spec:
             v = float(v)
         if not isinstance(v, expected) or isinstance(v, bool) != (expected is bool):
             raise TypeError(f"Spec field {k!r} takes {expected.__name__}, got {v!r}")
+        if expected in (int, float) and not isinstance(v, bool):
+            positive = any(t in k for t in ("per_cycle", "_bytes", "_per_", "clock", "factor", "max_", "window"))
+            if v < 0 or (positive and v <= 0):
+                raise ValueError(f"Spec field {k!r} must be {'> 0' if positive else '≥ 0'}, got {v!r}")
         changes[k] = (v, changes[k][1])
     new = dataclasses.replace(spec, **{k: v for k, (v, _) in changes.items()})
     sources = dict(spec._overrides())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .buffers import LocalTensor, TPosition
+from .buffers import LocalTensor, TPosition, machine_dtype
 from .errors import ParamError, SyncError
 from .numerics import as_dtype
 from .pipes import HardEvent
@@ -80,7 +80,7 @@ class TQue:
         if s.state == _RELEASED:
             ctx.wait_flag(self.free_event, s.free_id)
         s.state = _ALLOCATED
-        dt = as_dtype(dtype)
+        dt = machine_dtype(dtype, self._ctx()._core.label)
         base = s.tensor.reinterpret_cast(dt)
         s.view = base if shape is None else base[: _count(shape)].reshape(shape)
         return s.view
@@ -163,7 +163,7 @@ class TPipe:
         buffer = self.ctx.buffer(que.position)
         if isinstance(que, TBuf):
             length = num if length == 0 else length
-            que.tensor = buffer.alloc((-(-length // 32) * 32,), "uint8")
+            que.tensor = buffer.alloc_raw(-(-length // 32) * 32)
             return
         if que.slots:
             raise ParamError(f"init_buffer: TQue({que.position.name}) is already initialised")
@@ -172,7 +172,7 @@ class TPipe:
         core = self.ctx._core
         nbytes = -(-int(length) // 32) * 32
         for _ in range(num):
-            t = buffer.alloc((nbytes,), "uint8")
+            t = buffer.alloc_raw(nbytes)
             que.slots.append(_Slot(t, core.alloc_event_id(que.enque_event), core.alloc_event_id(que.free_event)))
         que.pipe = self
         self.queues.append(que)

@@ -323,7 +323,7 @@ class VectorInstructions:
         dst, src = self._operands(name, [(dst, "dst"), (src, "src")], _ARITH)
         self._same_dtype(name, (dst, src))
         dt = dst.dtype
-        s = np.array(scalar).astype(np.float32).astype(dt) if dt.kind == "f" else np.array(int(scalar)).astype(dt)
+        s = self._core.scalar(dt, scalar, f"{name} scalar")
         f = {"adds": np.add, "muls": np.multiply, "maxs": np.maximum, "mins": np.minimum}[name]
         count, mask, reps, strides = self._unpack_repeat(args, UnaryRepeatParams, 1)
         self._elementwise(name, "simple", dst, [src], lambda x: f(x, s).astype(dt), count, mask, reps, strides)
@@ -388,8 +388,7 @@ class VectorInstructions:
         """`Duplicate(dst, scalar, count)` or `Duplicate(dst, scalar, mask, repeatTime, dstBlkStride, dstRepStride)`."""
         (dst,) = self._operands("duplicate", [(dst, "dst")], _ARITH + ("bfloat16", "uint16", "uint32"))
         dt = dst.dtype
-        v = np.array(scalar).astype(np.float32).astype(dt) if dt.kind == "f" or dtype_name(dt) == "bfloat16" \
-            else np.array(int(scalar)).astype(dt)
+        v = self._core.scalar(dt, scalar, "duplicate scalar")
         if len(args) == 1:
             count, mask, reps, strides = int(args[0]), None, None, None
         elif len(args) in (2, 4):
@@ -445,7 +444,7 @@ class VectorInstructions:
         (a,) = self._operands("compare_scalar", [(src0, "src0")], _FLOAT + ("int32",))
         if dtype_name(dst.dtype) != "uint8":
             raise DTypeError(f"compare_scalar dst must be uint8 bits, got {dtype_name(dst.dtype)}", where=core.label)
-        s = np.array(scalar).astype(a.dtype)
+        s = self._core.scalar(a.dtype, scalar, "compare_scalar scalar")
         f = self._cmp("compare_scalar", cmp_mode)
         self._bits_op("compare_scalar", dst, [a], lambda x: f(x, s), (count,))
 
@@ -500,7 +499,7 @@ class VectorInstructions:
             dst, a = self._operands("select", [(dst, "dst"), (src0, "src0")], _FLOAT)
             self._same_dtype("select", (dst, a))
             srcs = [a]
-            scalar = np.array(src1).astype(dst.dtype)
+            scalar = self._core.scalar(dst.dtype, src1, "select scalar")
         else:
             raise ParamError(f"select: mode {sel_mode} is not supported; use VSEL_TENSOR_TENSOR_MODE or "
                              f"VSEL_TENSOR_SCALAR_MODE", where=core.label)

@@ -817,4 +817,10 @@ def grouped_int8_gemm(die, a_q, a_scale, group_sizes, w_packed_list, w_scale_lis
     m = int(a_q.shape[0]) if hasattr(a_q, "shape") and len(a_q.shape) >= 1 else 0
     if int(sizes.sum()) != m:
         raise ValueError(f"grouped_int8_gemm: group sizes sum to {int(sizes.sum())} but a_q has M = {m} rows")
+    if m == 0:  # no token reached any local expert: nothing to launch, an empty result
+        n = ws[0].n if isinstance(ws[0], PackedWeight) else None
+        if n is None:
+            raise TypeError("grouped_int8_gemm: w_packed_list must hold PackedWeight objects from pack_weight")
+        dt = np.int32 if out_dtype == "int32" else BF16
+        return np.zeros((0, n), dt) if isinstance(a_q, np.ndarray) else die.gm.empty((0, n), dt)
     return _run(die, a_q, a_scale, [int(s) for s in sizes], ws, ss, out_dtype, tiles, "grouped_int8_gemm")

@@ -762,3 +762,14 @@ def test_determinism():
     r2, o2 = contended_launch()
     assert r1 == r2
     np.testing.assert_array_equal(o1, o2)
+
+
+def test_mode0_barrier_counter_is_bounded():
+    """A core may not run 15 barrier sets ahead of the slowest waiter of its kind."""
+    @ae.kernel("aiv")
+    def ahead(ctx):
+        if ctx.block_idx == 0:
+            for _ in range(16):
+                ctx.cross_core_set_flag(0, PIPE_MTE3, 2)
+    with pytest.raises(ae.SyncError, match="barrier sets of AIV 0 are pending; the counter holds at most 15"):
+        ae.Die("910c").launch(ahead, block_dim=2)

@@ -328,3 +328,13 @@ def test_other_bad_inputs():
         quantize_weight_per_channel(np.array([[1.0, np.inf]], np.float32))
     with pytest.raises(TypeError, match="w_q is float32; it must be int8"):
         pack_weight(np.zeros((3, 4), np.float32))
+
+
+def test_grouped_with_every_group_empty_returns_an_empty_result():
+    """A die whose local experts received no token: nothing to launch, an empty [0, N] result."""
+    die = ascendemu.Die("910c")
+    w = np.ones((24, 40), np.float32)
+    q, s = quantize_weight_per_channel(w)
+    out = grouped_int8_gemm(die, np.zeros((0, 40), np.int8), np.zeros(0, np.float32), [0, 0],
+                            [pack_weight(q), pack_weight(q)], [s, s])
+    assert out.shape == (0, 24) and out.dtype == ml_dtypes.bfloat16

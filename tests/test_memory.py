@@ -358,3 +358,38 @@ def test_error_lines_point_into_installed_ops_and_layouts():
     ns = {"caller_line": errors.caller_line}
     exec(code, ns)
     assert ns["line"] is None or ns["line"].filename != os.path.join(errors._MACHINE_DIR, "dma.py")
+
+
+def test_review_guards_integer_scalars_raw_poison_and_dtype_errors():
+    """Integer scalars that do not fit are refused (never wrapped); TQue slots read as NaN in float views;
+    an unknown dtype is a DTypeError naming the core and buffer."""
+    def set_big(ctx):
+        t = ctx.ub.alloc((32,), "int8", zero=True)
+        ctx.set_value(t, 0, 300)
+    with pytest.raises(ae.ParamError, match=r"set_value: 300 does not fit int8 \[-128, 127\]"):
+        run(set_big)
+
+    def adds_big(ctx):
+        t = ctx.ub.alloc((16,), "int16", zero=True)
+        ctx.adds(t, t, 70000, 16)
+    with pytest.raises(ae.ParamError, match="adds scalar: 70000 does not fit int16"):
+        run(adds_big)
+
+    seen = {}
+
+    def slot(ctx):
+        pipe = ctx.tpipe()
+        q = ae.TQue(ae.TPosition.VECIN, 1)
+        pipe.init_buffer(q, 1, 256)
+        t = q.alloc_tensor("float32")
+        seen["f32"] = t.numpy()
+        seen["f16"] = t.reinterpret_cast("float16")[1:9].numpy()  # any 2-byte offset
+        q.enque(t)
+        q.free_tensor(q.deque())
+    run(slot)
+    assert np.isnan(seen["f32"]).all() and np.isnan(seen["f16"].astype(np.float32)).all()
+
+    def bad(ctx):
+        ctx.ub.alloc((8,), "complex64")
+    with pytest.raises(ae.DTypeError, match="AIV 0 · UB"):
+        run(bad)
