@@ -160,6 +160,20 @@ class Core:
             return np.array(v).astype(dt)
         return np.array(value, np.float64).astype(np.float32).astype(dt)
 
+    def check_atomic(self, dst_dtype, what: str) -> bool:
+        """At issue, in both modes: under SetAtomicAdd a move into GM adds in the atomic dtype, which must be the
+        destination's. Returns whether the move adds."""
+        if self.atomic is None:
+            return False
+        if self.atomic != dst_dtype:
+            raise DTypeError(f"{what}: atomic add in {dtype_name(self.atomic)} into a {dtype_name(dst_dtype)} GM "
+                             f"tensor", where=self.label)
+        return True
+
+    def store_gm(self, view: np.ndarray, values, add: bool) -> None:
+        """Write `values` into a typed GM view: overwrite, or read-add-write in the view's dtype."""
+        view[...] = (view + values).astype(view.dtype) if add else values
+
     def count_bytes(self, path: str, nbytes: int) -> None:
         self.stats.bytes[path] = self.stats.bytes.get(path, 0) + nbytes
 

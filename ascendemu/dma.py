@@ -96,11 +96,10 @@ class DmaInstructions:
 
     def _store(self, dst_rows: np.ndarray, src_rows: np.ndarray, dst) -> None:
         """Write byte rows into dst; into GM under set_atomic_add this is a read-add-write."""
-        atomic = self._core.atomic
-        if atomic is not None and isinstance(dst, GlobalTensor):
-            d = np.ascontiguousarray(dst_rows).view(atomic)
-            s = np.ascontiguousarray(src_rows).view(atomic)
-            dst_rows[...] = (d + s).astype(atomic).view(np.uint8).reshape(dst_rows.shape)
+        if self._core.atomic is not None and isinstance(dst, GlobalTensor):
+            d = np.ascontiguousarray(dst_rows).view(dst.dtype)
+            self._core.store_gm(d, np.ascontiguousarray(src_rows).view(dst.dtype), True)
+            dst_rows[...] = d.view(np.uint8).reshape(dst_rows.shape)
         else:
             dst_rows[...] = src_rows
 
@@ -112,9 +111,8 @@ class DmaInstructions:
         rate = getattr(self.spec, rate_field)
         src_end = src_first + (blocks - 1) * src_pitch + width if blocks else src_first
         dst_end = dst_first + (blocks - 1) * dst_pitch + width if blocks else dst_first
-        if core.atomic is not None and dst.kind == "GM" and dst.dtype != core.atomic:  # at issue, in both modes
-            raise DTypeError(f"atomic add in {dtype_name(core.atomic)} into a {dtype_name(dst.dtype)} GM tensor",
-                             where=core.label)
+        if dst.kind == "GM":
+            core.check_atomic(dst.dtype, name)
         reads = self._region(src, src_first, src_end, f"{name} source") + list(extra_reads)
         writes = self._region(dst, dst_first, dst_end, f"{name} destination") + list(extra_writes)
         nbytes = blocks * width

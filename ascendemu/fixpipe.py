@@ -15,19 +15,10 @@ import numpy as np
 from . import costs
 from .errors import DTypeError, ParamError
 from .gm import GlobalTensor
-from .numerics import QuantMode, dtype_name, fixpipe_convert
+from .numerics import (FIXPIPE_ACC_DTYPE, SCALAR_QUANT_MODES, VECTOR_QUANT_MODES, QuantMode, dtype_name,
+                       fixpipe_convert, fixpipe_out_dtype)
 from .params import FixpipeParamsV220
 from .pipes import Pipe
-
-# mode → (L0C dtype, output dtype; None = int8/uint8 by the word's sign bit)
-_MODES = {
-    QuantMode.F322F16: ("float32", "float16"), QuantMode.F322BF16: ("float32", "bfloat16"),
-    QuantMode.DEQF16: ("int32", "float16"), QuantMode.VDEQF16: ("int32", "float16"),
-    QuantMode.QF322B8_PRE: ("float32", None), QuantMode.VQF322B8_PRE: ("float32", None),
-    QuantMode.REQ8: ("int32", None), QuantMode.VREQ8: ("int32", None),
-}
-_VECTOR = {QuantMode.VDEQF16, QuantMode.VQF322B8_PRE, QuantMode.VREQ8}
-_SCALAR = {QuantMode.DEQF16, QuantMode.QF322B8_PRE, QuantMode.REQ8}
 
 
 class FixpipeInstructions:
@@ -61,27 +52,27 @@ class FixpipeInstructions:
             raise ParamError(f"fixpipe src_stride {src_rows} must be a multiple of 16 ≥ m_size {m}", where=core.label)
         mode = p.quant_pre
         acc_name = dtype_name(src.dtype)
-        if mode == QuantMode.NoQuant:
-            want_in, out_name = acc_name, acc_name
-        elif mode in _MODES:
-            want_in, out_name = _MODES[mode]
-        else:
+        if mode != QuantMode.NoQuant and mode not in FIXPIPE_ACC_DTYPE:
             raise ParamError(f"fixpipe quant mode {mode} is not supported", where=core.label)
+        want_in = acc_name if mode == QuantMode.NoQuant else dtype_name(FIXPIPE_ACC_DTYPE[mode])
         if acc_name != want_in:
             raise DTypeError(f"fixpipe {mode.name} needs a {want_in} L0C tile, got {acc_name}", where=core.label)
-        if mode in _SCALAR:
+        word = None
+        if mode in SCALAR_QUANT_MODES:
             w = p.deq_scalar
             if isinstance(w, bool) or not isinstance(w, (int, np.integer)) or not 0 <= int(w) < 1 << 64:
                 raise ParamError(f"fixpipe {mode.name}: deq_scalar must be a u64 quant word, got {w!r}",
                                  where=core.label)
-            if out_name is None:  # int8 or uint8 by the word's sign bit (46): known at issue, in both modes
-                out_name = "int8" if (int(w) >> 46) & 1 else "uint8"
+            word = int(w)
+        # int8 or uint8 by the word's sign bit (46): known at issue for one word, at run time for per-channel words
+        by_words = mode in VECTOR_QUANT_MODES and mode != QuantMode.VDEQF16
+        out_name = None if by_words else dtype_name(fixpipe_out_dtype(mode, word, acc_dtype=src.dtype))
         if out_name is None:
             if dtype_name(dst.dtype) not in ("int8", "uint8"):
                 raise DTypeError(f"fixpipe {mode.name} writes int8/uint8, destination is {dtype_name(dst.dtype)}",
                                  where=core.label)
         elif dtype_name(dst.dtype) != out_name:
-            why = " (by the sign bit 46 of deq_scalar)" if mode in _SCALAR and _MODES[mode][1] is None else ""
+            why = " (by the sign bit 46 of deq_scalar)" if out_name in ("int8", "uint8") else ""
             raise DTypeError(f"fixpipe {mode.name} writes {out_name}{why}, destination is {dtype_name(dst.dtype)}",
                              where=core.label)
         sz = dst.dtype.itemsize
@@ -102,7 +93,7 @@ class FixpipeInstructions:
         reads = [core.span(src, 0, (-(-n // 16) - 1) * src_rows * 16 + src_rows * 16 if n else 0, "fixpipe src")]
         qwords = None
         extra = 0
-        if mode in _VECTOR:
+        if mode in VECTOR_QUANT_MODES:
             if quant is None:
                 raise ParamError(f"fixpipe {mode.name} needs a per-channel quant tensor (quant=…)", where=core.label)
             q = core.local(quant, ("L1", "FB"), "fixpipe quant")
@@ -122,10 +113,7 @@ class FixpipeInstructions:
             writes = []
         else:
             writes = [core.span(dst, 0, dst_end, "fixpipe dst")]
-        atomic = core.atomic if isinstance(dst, GlobalTensor) else None
-        if atomic is not None and atomic != dst.dtype:  # checked at issue: timing-only runs catch it too
-            raise DTypeError(f"atomic add in {dtype_name(atomic)} into a {dtype_name(dst.dtype)} GM tensor",
-                             where=core.label)
+        add = isinstance(dst, GlobalTensor) and core.check_atomic(dst.dtype, "fixpipe")
         if isinstance(dst, GlobalTensor) and m * n:
             head, nbytes, rate = costs.fixpipe_gm_transfer(self.spec, m * n, m * n * sz)
             core.issue("fixpipe", Pipe.PIPE_FIX, 0, reads, writes, gm=(head + extra, nbytes, rate))
@@ -138,11 +126,7 @@ class FixpipeInstructions:
         n16 = -(-n // 16)
         tile = src.flat_view(0, n16 * src_rows * 16).reshape(n16, src_rows, 16)[:, :m, :]
         acc = tile.transpose(1, 0, 2).reshape(m, n16 * 16)[:, :n]
-        words = None
-        if mode in _VECTOR:
-            words = qwords.flat_view(0, n).copy()
-        elif mode in _SCALAR:
-            words = int(p.deq_scalar)
+        words = qwords.flat_view(0, n).copy() if mode in VECTOR_QUANT_MODES else word
         try:
             out = fixpipe_convert(np.ascontiguousarray(acc), mode, words=words, relu=p.relu_en)
         except (TypeError, ValueError) as e:  # data-dependent: e.g. per-channel words disagree on the sign bit
@@ -157,7 +141,4 @@ class FixpipeInstructions:
             view = np.lib.stride_tricks.as_strided(flat, shape=(n // c0, m, c0), strides=(col_pitch * sz, c0 * sz, sz),
                                                    writeable=True)
             out = out.reshape(m, n // c0, c0).transpose(1, 0, 2)
-        if atomic is not None:
-            view[...] = (view + out).astype(atomic)
-        else:
-            view[...] = out
+        core.store_gm(view, out, add)

@@ -22,6 +22,8 @@ import operator
 from typing import NamedTuple
 
 import ml_dtypes
+from types import MappingProxyType
+
 import numpy as np
 
 __all__ = [
@@ -372,6 +374,10 @@ _ACC_DTYPE = {
     QuantMode.REQ8: DTYPES["int32"], QuantMode.VREQ8: DTYPES["int32"],
     QuantMode.QF322B8_PRE: _F32, QuantMode.VQF322B8_PRE: _F32,
 }
+# Public views of the tables above, for the FixPipe instruction (one home for the mode facts).
+SCALAR_QUANT_MODES = frozenset(_SCALAR_MODES)  # take one quant word (deq_scalar)
+VECTOR_QUANT_MODES = frozenset(_VECTOR_MODES)  # take one word per output channel
+FIXPIPE_ACC_DTYPE = MappingProxyType(_ACC_DTYPE)  # mode → the L0C dtype it converts from
 _SCALAR_OF = {QuantMode.VDEQF16: "DEQF16", QuantMode.VREQ8: "REQ8", QuantMode.VQF322B8_PRE: "QF322B8_PRE"}
 _VECTOR_OF = {v: k.name for k, v in _SCALAR_OF.items()}
 

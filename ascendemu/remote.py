@@ -118,9 +118,7 @@ class RemoteInstructions:
         if src.dtype != dst.dtype:
             raise DTypeError(f"aiv_direct_write does not convert: {dtype_name(src.dtype)} → {dtype_name(dst.dtype)}",
                              where=core.label)
-        if core.atomic is not None and core.atomic != dst.dtype:  # an MTE3 store into GM: SetAtomicAdd applies
-            raise DTypeError(f"aiv_direct_write: atomic add in {dtype_name(core.atomic)} into a "
-                             f"{dtype_name(dst.dtype)} GM tensor", where=core.label)
+        add = core.check_atomic(dst.dtype, "aiv_direct_write")  # an MTE3 store into GM: SetAtomicAdd applies
         n = src.size if count is None else int(count)
         if not 0 <= n <= min(src.size, dst.size):
             raise ParamError(f"aiv_direct_write of {n} elements: source has {src.size}, destination {dst.size}",
@@ -135,11 +133,7 @@ class RemoteInstructions:
         finally:
             self._remote_reads = ()
         if self.functional and n:
-            out = dst.flat_view(0, n)
-            if core.atomic is not None:  # read-add-write in the atomic dtype, as DataCopy UB→GM does
-                out[...] = (out + src.flat_view(0, n)).astype(core.atomic)
-            else:
-                out[...] = src.flat_view(0, n)
+            core.store_gm(dst.flat_view(0, n), src.flat_view(0, n), add)
         return t
 
     def sdma_copy(self, dst: GlobalTensor, src: GlobalTensor, flag=None, *, plane: str = "ub") -> int:
@@ -193,10 +187,7 @@ class RemoteInstructions:
         """Write `value` into the GM word `word` (any die, this one included) over MTE3; returns its arrival."""
         core = self._core
         die = self._check_flag_word(word, "remote_write_flag")
-        add = core.atomic is not None
-        if add and core.atomic != word.dtype:
-            raise DTypeError(f"remote_write_flag: atomic add in {dtype_name(core.atomic)} into a "
-                             f"{dtype_name(word.dtype)} word", where=core.label)
+        add = core.check_atomic(word.dtype, "remote_write_flag")
         t = self._send("remote_write_flag", die, self.spec.block_bytes, from_gm=False,
                        cap=(self.spec.aiv_gm_write_bytes_per_cycle if self.kind == "aiv"
                             else self.spec.aic_gm_write_bytes_per_cycle),
