@@ -214,6 +214,8 @@ def run_launches(specs: list[LaunchSpec]) -> list[Report]:
     BLAS is held to one thread meanwhile: the cube hands many small tile products to it,
     and a thread pool's wake-up costs more than such a product."""
     for ls in specs:  # concurrent launches on overlapping cores are refused before anything runs
+        if not isinstance(ls.kernel, Kernel):
+            raise ParamError(f"launch: {ls.kernel!r} is not a @kernel-decorated function")
         ls.die._check_free(ls)
         ls.die.watch.clear()  # flag words start each launch from what GM holds
     with threadpool_limits(limits=1, user_api="blas"):
@@ -224,8 +226,6 @@ def _run_launches(specs: list[LaunchSpec]) -> list[Report]:
     sched = Scheduler()
     runs = []
     for ls in specs:
-        if not isinstance(ls.kernel, Kernel):
-            raise ParamError(f"launch: {ls.kernel!r} is not a @kernel-decorated function")
         die = ls.die
         env = LaunchEnv(die, sched)
         start = ls.stream.time
@@ -235,7 +235,6 @@ def _run_launches(specs: list[LaunchSpec]) -> list[Report]:
             stats = CoreStats()
             core = Core(kind, idx, die.spec, die.checks, die.functional, die.gm, start=start, stats=stats, env=env,
                         label=(f"die {die.index} · " if len(die.cluster.dies) > 1 else "") + f"{kind.upper()} {idx}")
-            core.task = None
             env.cores.append(core)
             cores.append((core, blocks))
         if ls.kernel.kind == "mix":

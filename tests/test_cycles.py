@@ -390,3 +390,8 @@ def test_cores_share_the_die_hbm():
     die = ae.Die("910c", functional=False)
     rep = die.launch(ae.kernel("aiv")(body), 48, (die.gm.empty(48 * big // 2, "float16"),))
     assert rep.cycles >= HEAD + ceil(48 * big / SP.hbm_bytes_per_cycle)  # 865 B/cycle for the whole die
+
+
+def test_launching_a_plain_function_is_a_clear_error():
+    with pytest.raises(ae.ParamError, match="is not a @kernel-decorated function"):
+        ae.Die("910c").launch(lambda ctx: None)
