@@ -103,9 +103,7 @@ class LocalBuffer:
     def alloc(self, shape, dtype, *, zero: bool = False, align: int | None = None) -> "LocalTensor":
         """Allocate a tensor; fresh memory is poisoned unless `zero`."""
         dt = machine_dtype(dtype, f"{self.where} · {self.kind}")
-        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-        if any(s < 0 for s in shape):
-            raise BoundsError(f"negative shape {shape}", where=f"{self.where} · {self.kind}")
+        shape = as_shape(shape, f"{self.where} · {self.kind}")
         nbytes = math.prod(shape) * dt.itemsize
         a = max(self.align, align or 1)
         off = -(-self.top // a) * a
@@ -139,7 +137,48 @@ class LocalBuffer:
                 f"{what}: {self.kind} address {offset:#x} is not {align} B aligned", where=where)
 
 
-class LocalTensor:
+def as_shape(shape, where: str) -> tuple:
+    """A shape as a tuple of non-negative ints (an int is a 1-D shape)."""
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    if any(s < 0 for s in shape):
+        raise BoundsError(f"negative shape {shape}", where=where)
+    return shape
+
+
+class TensorView:
+    """What LocalTensor and GlobalTensor share: a typed, shaped view at a byte offset into some storage.
+
+    Subclasses give `_where` (for error messages) and `_view(offset, dtype, shape)` (a sibling view)."""
+
+    __slots__ = ()
+
+    def numpy(self) -> np.ndarray:
+        """A host copy of the tensor."""
+        return self.array.copy()
+
+    def __getitem__(self, key):
+        """A contiguous sub-view: ints and step-1 slices on leading axes (Ascend C's `tensor[offset]`)."""
+        off, shape = _index(self.shape, key, self._where)
+        return self._view(self.offset + off * self.dtype.itemsize, self.dtype, shape)
+
+    def reshape(self, shape):
+        shape = as_shape(shape, self._where)
+        if math.prod(shape) != self.size:
+            raise BoundsError(f"cannot reshape {self.shape} ({self.size} elements) to {shape}", where=self._where)
+        return self._view(self.offset, self.dtype, shape)
+
+    def flatten(self):
+        return self.reshape((self.size,))
+
+    def reinterpret_cast(self, dtype):
+        """The same bytes seen as another dtype (Ascend C `ReinterpretCast<T>()`)."""
+        dt = machine_dtype(dtype, self._where)
+        if self.nbytes % dt.itemsize:
+            raise DTypeError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements", where=self._where)
+        return self._view(self.offset, dt, (self.nbytes // dt.itemsize,))
+
+
+class LocalTensor(TensorView):
     """A typed view of `shape` at byte `offset` in one local buffer (Ascend C `LocalTensor<T>`)."""
 
     __slots__ = ("buffer", "offset", "dtype", "shape", "size", "nbytes")
@@ -148,6 +187,13 @@ class LocalTensor:
         self.buffer, self.offset, self.dtype, self.shape = buffer, offset, dtype, shape
         self.size = math.prod(shape)
         self.nbytes = self.size * dtype.itemsize
+
+    @property
+    def _where(self) -> str:
+        return f"{self.buffer.where} · {self.kind}"
+
+    def _view(self, offset: int, dtype: np.dtype, shape: tuple) -> "LocalTensor":
+        return LocalTensor(self.buffer, offset, dtype, shape)
 
     @property
     def kind(self) -> str:
@@ -168,28 +214,6 @@ class LocalTensor:
         """Elements [start, start+count) of the buffer seen as this tensor's dtype, from the tensor's base."""
         b = self.offset + start * self.dtype.itemsize
         return self.buffer.data[b:b + count * self.dtype.itemsize].view(self.dtype)
-
-    def numpy(self) -> np.ndarray:
-        return self.array.copy()
-
-    def __getitem__(self, key) -> "LocalTensor":
-        off, shape = _index(self.shape, key, f"{self.buffer.where} · {self.kind}")
-        return LocalTensor(self.buffer, self.offset + off * self.dtype.itemsize, self.dtype, shape)
-
-    def reshape(self, shape) -> "LocalTensor":
-        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-        if math.prod(shape) != self.size:
-            raise BoundsError(f"cannot reshape {self.shape} ({self.size} elements) to {shape}",
-                              where=f"{self.buffer.where} · {self.kind}")
-        return LocalTensor(self.buffer, self.offset, self.dtype, shape)
-
-    def reinterpret_cast(self, dtype) -> "LocalTensor":
-        """The same bytes seen as another dtype (Ascend C `ReinterpretCast<T>()`)."""
-        dt = machine_dtype(dtype, f"{self.buffer.where} · {self.kind}")
-        if self.nbytes % dt.itemsize:
-            raise DTypeError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements",
-                              where=f"{self.buffer.where} · {self.kind}")
-        return LocalTensor(self.buffer, self.offset, dt, (self.nbytes // dt.itemsize,))
 
     def __repr__(self) -> str:
         return f"LocalTensor({self.kind}@{self.offset:#x}, {self.shape}, {dtype_name(self.dtype)})"

@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
-from .buffers import _index, machine_dtype, poison
-from .errors import AllocationError, BoundsError, DTypeError, PhantomError, fmt_bytes
+from .buffers import TensorView, as_shape, machine_dtype, poison
+from .errors import AllocationError, PhantomError, fmt_bytes
 from .numerics import dtype_name
 
 
@@ -44,9 +44,7 @@ class GlobalMemory:
     def empty(self, shape, dtype, *, zero: bool = False) -> "GlobalTensor":
         """A new tensor, poisoned (NaN / 0xBE bytes) unless `zero`; a phantom in timing-only mode."""
         dt = machine_dtype(dtype, self.where)
-        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-        if any(s < 0 for s in shape):
-            raise BoundsError(f"negative shape {shape}", where=self.where)
+        shape = as_shape(shape, self.where)
         nbytes = math.prod(shape) * dt.itemsize
         a = self._alloc(nbytes)
         if a.data is not None:
@@ -76,7 +74,7 @@ class GlobalMemory:
             a.data = None
 
 
-class GlobalTensor:
+class GlobalTensor(TensorView):
     """A typed, shaped, sliceable view into GM (Ascend C `GlobalTensor<T>`)."""
 
     __slots__ = ("gm", "allocation", "offset", "dtype", "shape", "size", "nbytes")
@@ -87,6 +85,13 @@ class GlobalTensor:
         self.nbytes = self.size * dtype.itemsize
 
     kind = "GM"
+
+    @property
+    def _where(self) -> str:
+        return self.gm.where
+
+    def _view(self, offset: int, dtype: np.dtype, shape: tuple) -> "GlobalTensor":
+        return GlobalTensor(self.gm, self.allocation, offset, dtype, shape)
 
     @property
     def is_global(self) -> bool:
@@ -112,32 +117,9 @@ class GlobalTensor:
         """A live NumPy view of the tensor's bytes."""
         return self._data()[self.offset:self.offset + self.nbytes].view(self.dtype).reshape(self.shape)
 
-    def numpy(self) -> np.ndarray:
-        """A host copy of the tensor."""
-        return self.array.copy()
-
     def flat_view(self, start: int, count: int) -> np.ndarray:
         b = self.offset + start * self.dtype.itemsize
         return self._data()[b:b + count * self.dtype.itemsize].view(self.dtype)
-
-    def __getitem__(self, key) -> "GlobalTensor":
-        off, shape = _index(self.shape, key, self.gm.where)
-        return GlobalTensor(self.gm, self.allocation, self.offset + off * self.dtype.itemsize, self.dtype, shape)
-
-    def reshape(self, shape) -> "GlobalTensor":
-        shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
-        if math.prod(shape) != self.size:
-            raise BoundsError(f"cannot reshape {self.shape} ({self.size} elements) to {shape}", where=self.gm.where)
-        return GlobalTensor(self.gm, self.allocation, self.offset, self.dtype, shape)
-
-    def flatten(self) -> "GlobalTensor":
-        return self.reshape((self.size,))
-
-    def reinterpret_cast(self, dtype) -> "GlobalTensor":
-        dt = machine_dtype(dtype, self.gm.where)
-        if self.nbytes % dt.itemsize:
-            raise DTypeError(f"{self.nbytes} B is not a whole number of {dtype_name(dt)} elements", where=self.gm.where)
-        return GlobalTensor(self.gm, self.allocation, self.offset, dt, (self.nbytes // dt.itemsize,))
 
     def __repr__(self) -> str:
         ph = ", phantom" if self.is_phantom else ""
