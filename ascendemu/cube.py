@@ -25,7 +25,7 @@ MMAD_TYPES = {("int8", "int8"): "int32", ("float16", "float16"): "float32",
 
 
 def _ceil(a: int, b: int) -> int:
-    return -(-a // b) * b
+    return costs.ceil_div(a, b) * b
 
 
 class CubeInstructions:

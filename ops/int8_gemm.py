@@ -70,7 +70,7 @@ import numpy as np
 import ascendemu
 from ascendemu import (BinaryRepeatParams, DataCopyExtParams, DataCopyParams, FixpipeParamsV220, GlobalTensor,
                        HardEvent, LoadData2DParams, MmadParams, Nd2NzParams, QuantMode, RoundMode)
-from ascendemu.layouts import nd_to_nz, nz_to_nd
+from ascendemu.layouts import ceil_div, nd_to_nz, nz_to_nd, round_up
 from ascendemu.numerics import as_dtype, dtype_name
 
 FRAC = 16  # rows of a fractal
@@ -86,12 +86,7 @@ W_ID = 2  # AIV: MTE2_V / V_MTE2 ids 2, 3 for the w_scale row of an item (0, 1: 
 BF16 = as_dtype("bfloat16")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _up(a: int, b: int) -> int:
-    return _cdiv(a, b) * b
+_cdiv, _up = ceil_div, round_up  # the shape helpers of ascendemu.layouts
 
 
 # ------------------------------------------------------------------------------------------------ packed weights

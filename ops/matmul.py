@@ -41,6 +41,7 @@ import numpy as np
 import ascendemu
 from ascendemu import (FixpipeParamsV220, GlobalTensor, HardEvent, LoadData2DParams, MmadParams, Nd2NzParams,
                        QuantMode)
+from ascendemu.layouts import ceil_div
 from ascendemu.numerics import as_dtype, dtype_name
 
 IN_DTYPES = ("float16", "bfloat16")
@@ -51,8 +52,7 @@ FRAC = 16  # rows of a fractal; C0 of a 16-bit type
 U16_MAX = 65535  # Nd2NzParams fields are uint16_t in Ascend C (srcDValue, srcNdMatrixStride, …)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_cdiv = ceil_div  # the shape helper of ascendemu.layouts
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ import ml_dtypes
 import numpy as np
 
 from ascendemu import (PIPE_V, BinaryRepeatParams, DataCopyExtParams, GlobalTensor, ReduceOrder, TBuf, TPosition)
+from ascendemu.layouts import ceil_div, round_up  # noqa: F401 (round_up is re-exported)
 from ascendemu.numerics import as_dtype, dtype_name
 
 F32 = np.dtype(np.float32)
@@ -49,12 +50,7 @@ BLOCK = 8  # fp32 lanes of one 32 B block
 MAX_GROUP = 64  # rows of a short-row tile (the lanes of `stat`)
 
 
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-    return cdiv(a, b) * b
+cdiv = ceil_div  # the shape helpers of ascendemu.layouts, re-exported for the row-wise ops
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ import ascendemu
 from ascendemu import (PIPE_FIX, PIPE_M, PIPE_MTE3, PIPE_V, BinaryRepeatParams, DataCopyParams, FixpipeParamsV220,
                        GlobalTensor, HardEvent, LoadData2DParams, MmadParams, Nd2NzParams, QuantMode, ReduceOrder,
                        RoundMode, UnaryRepeatParams)
+from ascendemu.layouts import ceil_div
 from ascendemu.numerics import as_dtype, dtype_name
 from ascendemu.ops.matmul import copy_gm_to_l1_strips
 
@@ -88,8 +89,7 @@ ID_Q, ID_P, ID_SLOT = 0, 1, 2  # MTE1_MTE2: Q, P, tile slot s (ids 2, 3) free ag
 MAX_SQ, MAX_HQ = 2, 128
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+_cdiv = ceil_div  # the shape helper of ascendemu.layouts
 
 
 # ------------------------------------------------------------------------------------------------ host-side tiling
