@@ -11,3 +11,4 @@ from .reference import (mla_absorbed_decode_reference, mla_attention_absorbed_re
                         mla_attention_naive_reference, mla_forward_reference, mla_prolog_reference, rms_norm)
 from .cache import CacheFullError, MLACache  # noqa: E402,F401
 from .attention import MLATiling, mla_attention_decode, mla_attention_decode_reference  # noqa: E402,F401
+from .attention_prefill import PrefillTiling, mla_attention_prefill, mla_attention_prefill_reference  # noqa: E402,F401
