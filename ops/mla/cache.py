@@ -17,8 +17,11 @@ block_size / 16 fractals of 16 tokens × 16 dims (512 B). A token's 32 B chunks 
 
 Sequences are integer ids the caller chooses. Each has a block table (block ids handed out from a free list, lowest
 first) and a length. `allocate` reserves blocks and sets lengths without writing data (timing studies; tests);
-`append` writes new tokens from the host (the MLAProlog kernel will write them on the device); `gather` reads a
-sequence back as ND. On a timing-only die the caches are phantoms: blocks and lengths are still tracked, data is not.
+`append` writes new tokens from the host (tests, and seeding a cache); on the device, MLAProlog's
+`mla_kv_cache_kernel` (prolog.py) writes them into the slots `slot_mapping` gives, after `allocate` has grown the
+sequence (mla_prefill / mla_decode do both); `gather` reads a sequence back as ND (on the device:
+`prolog.gather_context`). On a timing-only die the caches are phantoms: blocks and lengths are still tracked,
+data is not.
 """
 from __future__ import annotations
 

@@ -155,6 +155,12 @@ class MLAWeights:
     w_uk_nz: np.ndarray                    # Nz of w_uk[h]ᵀ ([kv_lora_rank, nope]) per head
     w_uv_nz: np.ndarray                    # Nz of w_uv[h]
     int8: Mapping[str, Int8Weight] | None = None  # int8=True only: name in INT8_PROJECTIONS -> Int8Weight
+    # the fused down-projection [W_DQ; W_DKV; W_KR] = [q_a_proj; kv_a_proj_with_mqa] ([q_lora + C + R, hidden]), one
+    # GEMM for MLAProlog (cloudmatrix-design.md §5); None when q_lora_rank is None. Its INT8 variant (int8=True) is
+    # the two projections' INT8 rows stacked (per-channel scales are per row, so this equals quantising the stack).
+    q_kv_a_proj: np.ndarray | None = None
+    q_kv_a_proj_nz: np.ndarray | None = None
+    q_kv_a_proj_int8: Int8Weight | None = None
 
     @classmethod
     def from_hf(cls, state_dict, layer: int, config: MLAConfig, *, int8: bool = False) -> MLAWeights:
@@ -195,6 +201,14 @@ class MLAWeights:
             t[nz] = None if src is None else _frozen(nd_to_nz(np.ascontiguousarray(src)))
         if int8:
             t["int8"] = _quantize(t)
+        if config.q_lora_rank is not None:
+            t["q_kv_a_proj"] = _frozen(np.concatenate([t["q_a_proj"], t["kv_a_proj_with_mqa"]]))
+            t["q_kv_a_proj_nz"] = _frozen(nd_to_nz(t["q_kv_a_proj"]))
+            if int8:
+                from ascendemu.ops.int8_gemm import pack_weight
+                qa, kva = t["int8"]["q_a_proj"], t["int8"]["kv_a_proj_with_mqa"]
+                q = _frozen(np.concatenate([qa.q, kva.q]))
+                t["q_kv_a_proj_int8"] = Int8Weight(q, _frozen(np.concatenate([qa.scale, kva.scale])), pack_weight(q))
         return cls(config=config, layer=int(layer), **t)
 
 
