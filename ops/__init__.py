@@ -8,9 +8,11 @@
 - quant, swiglu, norm (on rowwise): per-token quantisation, SwiGLU fused with re-quantisation, RMSNorm and
   add-RMSNorm on the AIV.
 - alltoall: an AIV-Direct token exchange across a cluster.
-- mla: Multi-head Latent Attention (in progress: config, RoPE, weights, references, the paged NZ cache and
-  the FlashMLA-style decode attention).
-MoE dispatch/combine and the microbatch pipeline are not built yet.
+- mla: Multi-head Latent Attention: config, RoPE, weights, references, the paged NZ cache, MLAProlog, the
+  FlashMLA-style decode and flash prefill attention, and the whole sublayer (mla_prefill, mla_decode).
+- moe: DeepSeek MoE over expert parallelism: routing, placements, FusedDispatch / FusedCombine (AIV-Direct or
+  SDMA), the expert MLPs and the MoE sublayer.
+The microbatch pipeline is not built yet.
 """
 from .gemm import batched_bf16_gemm, bf16_gemm, pack_heads, packed_heads  # noqa: E402,F401
 from .int8_gemm import (GemmTiles, PackedWeight, grouped_int8_gemm, int8_gemm, pack_weight,  # noqa: E402,F401
