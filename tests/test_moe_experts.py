@@ -116,6 +116,13 @@ def test_zero_rows_and_timing_only():
     rec, _, _ = received(cl.die(1), 1, pl.slots[1], [0] * 5, 64, rng)
     y = moe_experts(cl.die(1), rec, ew)
     assert y.shape == (0, 64) and y.dtype == BF16
+    # a die that holds no expert at all
+    bare = ExpertPlacement(8, 3, [(8, 0, 1, 2, 3), (8, 4, 5, 6, 7), ()])
+    ewb = ExpertWeights.from_hf(make_state(rng, cfg), LAYER, bare, cfg)
+    assert ewb.for_die(2) == ()
+    rec, _, _ = received(cl.die(0), 2, (), [], 64, rng)
+    y = moe_experts(cl.die(0), rec, ewb)
+    assert y.shape == (0, 64) and y.dtype == BF16
     # the same load functional and timing-only: the same cycles
     counts = [0, 7, 0, 30, 2]
     rec, _, _ = received(cl.die(1), 1, pl.slots[1], counts, 64, rng)
@@ -174,6 +181,8 @@ def test_expert_errors():
         moe_experts(cl.die(0), (1, 2), ew)
     with pytest.raises(ValueError, match="counts has 4 entries"):
         moe_experts(cl.die(0), ReceivedTokens(0, rec.tokens, rec.scales, np.ones(4, np.int64), rec.slots), ew)
+    with pytest.raises(ValueError, match="negative count"):
+        moe_experts(cl.die(0), ReceivedTokens(0, rec.tokens, rec.scales, np.array([0, -1, 2, 1, 2]), rec.slots), ew)
     with pytest.raises(ValueError, match="do not match the counts"):
         moe_experts(cl.die(0), ReceivedTokens(0, rec.tokens, rec.scales, np.array([0, 1, 1, 1, 2]), rec.slots), ew)
     with pytest.raises(ValueError, match="differ from the placement"):

@@ -23,11 +23,13 @@ DIE = ascendemu.Die("910c")
 
 @st.composite
 def gate_case(draw):
-    e, ng = draw(st.sampled_from([(16, 2), (32, 2), (32, 4), (64, 2), (64, 4), (128, 2), (256, 4)]))
+    # E = 96 and 192: a last W chunk of 32 experts and score buffers with −inf padding lanes past E
+    e, ng = draw(st.sampled_from([(16, 2), (32, 2), (32, 4), (64, 2), (64, 4), (96, 4), (128, 2), (192, 8),
+                                  (256, 4)]))
     g = e // ng
     kg = draw(st.integers(1, ng))
     k = draw(st.integers(1, min(4, kg * g)))
-    h = draw(st.sampled_from([32, 48, 64, 96, 128]))
+    h = draw(st.sampled_from([32, 48, 64, 96, 128, 208]))  # 208: two column chunks, the last one partial
     t = draw(st.integers(0, 40))
     ties = draw(st.sampled_from(["none", "rows", "groups"]))
     cfg = MoEConfig(hidden_size=h, n_routed_experts=e, num_experts_per_tok=k, n_group=ng, topk_group=kg,
@@ -84,6 +86,54 @@ def test_tie_rule_lower_index_wins():
     w[[2, 4, 9, 13]] = BF16.type(0.25)
     ids, _ = moe_gate(DIE, x, w, np.zeros(16, np.float32), cfg1)
     np.testing.assert_array_equal(ids, [[2, 4]] * 2)
+
+
+def _route_one(logits, bias, cfg):
+    """moe_gate of one token whose logits are `logits` exactly: x = e_0, W[:, 0] = logits (bf16-exact values)."""
+    x = np.zeros((1, cfg.hidden_size), BF16)
+    x[0, 0] = 1
+    w = np.zeros((cfg.n_routed_experts, cfg.hidden_size), BF16)
+    w[:, 0] = np.asarray(logits, np.float64).astype(BF16)
+    assert np.array_equal(w[:, 0].astype(np.float64), logits)
+    ids, wts = moe_gate(DIE, x, w, np.asarray(bias, np.float32), cfg)
+    return ids[0].tolist(), wts[0].astype(np.float64)
+
+
+def test_routing_hand_worked_cases():
+    """deepseek-v3.md §6 step by step on hand-made logits, expectations worked out here (not by the reference):
+    group score = the top-2 sum (not the max, not the whole group), bias for selection only, −inf exclusion,
+    normalisation, the scaling factor."""
+    def sig(v):
+        return 1 / (1 + np.exp(-np.asarray(v, np.float64)))
+
+    cfg = MoEConfig(hidden_size=64, n_routed_experts=16, num_experts_per_tok=2, n_group=2, topk_group=1,
+                    moe_intermediate_size=32, routed_scaling_factor=2.5)
+    # group 0: one strong expert (3.0) and seven at 0.0; group 1: 1.75, 1.25, then six at −3.0.
+    # By max or by the sum of the whole group, group 0 wins; by the top-2 sum (0.953 + 0.5 < 0.852 + 0.777) group 1.
+    logits = np.array([3.0] + [0.0] * 7 + [1.75, 1.25] + [-3.0] * 6)
+    ids, w = _route_one(logits, np.zeros(16), cfg)
+    assert ids == [8, 9]
+    np.testing.assert_allclose(w, 2.5 * sig([1.75, 1.25]) / sig([1.75, 1.25]).sum(), rtol=1e-6)
+    # a bias of +0.5 on expert 0 lifts group 0 (1.953 > 1.629) and picks experts 0 and 1 (1 = the lowest of seven
+    # equal s' = 0.5); the weights use the uncorrected scores s, not s' = s + bias
+    bias = np.zeros(16)
+    bias[0] = 0.5
+    ids, w = _route_one(logits, bias, cfg)
+    assert ids == [0, 1]
+    np.testing.assert_allclose(w, 2.5 * sig([3.0, 0.0]) / sig([3.0, 0.0]).sum(), rtol=1e-6)
+    # every s' negative (bias −2): excluded experts are −inf, so all three picks stay in the kept group 1 (an
+    # exclusion by 0.0 would pick group 0's experts, whose masked 0.0 beats s' < 0)
+    cfg3 = MoEConfig(hidden_size=64, n_routed_experts=16, num_experts_per_tok=3, n_group=2, topk_group=1,
+                     moe_intermediate_size=32, routed_scaling_factor=2.5)
+    ids, w = _route_one(logits, np.full(16, -2.0), cfg3)
+    assert ids == [8, 9, 10]
+    np.testing.assert_allclose(w, 2.5 * sig([1.75, 1.25, -3.0]) / sig([1.75, 1.25, -3.0]).sum(), rtol=1e-6)
+    # norm_topk_prob false: w = s · routed_scaling_factor
+    raw = MoEConfig(hidden_size=64, n_routed_experts=16, num_experts_per_tok=2, n_group=2, topk_group=2,
+                    moe_intermediate_size=32, routed_scaling_factor=2.5, norm_topk_prob=False)
+    ids, w = _route_one(logits, np.zeros(16), raw)
+    assert ids == [0, 8]
+    np.testing.assert_allclose(w, 2.5 * sig([3.0, 1.75]), rtol=1e-6)
 
 
 def test_float64_routing_agrees_on_clear_margins():

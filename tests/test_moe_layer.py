@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 import ascendemu
 from ascendemu.ops.moe.config import MoEConfig
+from ascendemu.ops.moe.gate import moe_gate
 from ascendemu.ops.moe.layer import MoELayerWeights, moe_layer
 from ascendemu.ops.moe.placement import ExpertPlacement
 from ascendemu.ops.moe.reference import moe_reference, routing_reference
@@ -103,6 +104,46 @@ def test_layer_uneven_load_and_die_order():
     yp = moe_layer(ascendemu.Cluster("910c", dies=4), xp, lw, pl, max_tokens_per_rank=8)
     for j, p in enumerate(perm):
         np.testing.assert_array_equal(yp[j].view(np.uint16), y[p].view(np.uint16))
+    # the same inputs on a cluster whose dies start at different times (dies 0 and 2 busy first): the dies' kernels
+    # interleave in another order, the outputs are bit-identical
+    skew = ascendemu.Cluster("910c", dies=4)
+    for d, n in ((0, 150), (2, 12)):
+        moe_gate(skew.die(d), rng.standard_normal((n, 32)).astype(BF16), sd[f"model.layers.{LAYER}.mlp.gate.weight"],
+                 sd[f"model.layers.{LAYER}.mlp.gate.e_score_correction_bias"], cfg)
+    clocks = [d.synchronize() for d in skew.dies]
+    assert clocks[0] > clocks[2] > clocks[1] == clocks[3] == 0
+    ys = moe_layer(skew, x, lw, pl)
+    for a, b in zip(ys, y):
+        np.testing.assert_array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+def test_layer_die_without_experts_and_gm_freed():
+    """A die that holds no expert still sends its tokens (and gets them back); every GM buffer the layer allocates
+    is freed, also when dispatch refuses an overflowing receive window."""
+    rng = np.random.default_rng(6)
+    cfg = MoEConfig(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                    moe_intermediate_size=32, routed_scaling_factor=2.5)
+    sd = make_state(rng, cfg)
+    pl = ExpertPlacement(8, 3, [(8, 0, 1, 2, 3), (8, 4, 5, 6, 7), ()])  # shared on 2 of 3 dies: remote
+    assert pl.shared_remote()
+    lw = MoELayerWeights.from_hf(sd, LAYER, cfg, pl)
+    cl = ascendemu.Cluster("910c", dies=3)
+    x = [rng.standard_normal((n, 32)).astype(BF16) for n in (4, 0, 6)]
+    before = [d.gm.in_use for d in cl.dies]
+    y, routing = moe_layer(cl, x, lw, pl, return_routing=True)
+    check_against_reference(x, y, routing, sd, cfg)
+    assert [d.gm.in_use for d in cl.dies] == before
+    with pytest.raises(ValueError, match="max_tokens_per_rank = 5"):
+        moe_layer(cl, x, lw, pl, max_tokens_per_rank=5)
+    assert [d.gm.in_use for d in cl.dies] == before
+    # no shared expert at all (n_shared_experts = 0, a placement without a shared slot)
+    cfg0 = MoEConfig(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                     moe_intermediate_size=32, routed_scaling_factor=2.5, n_shared_experts=0)
+    pl0 = ExpertPlacement(8, 3, [(0, 1, 2), (3, 4, 5), (6, 7)])
+    lw0 = MoELayerWeights.from_hf(sd, LAYER, cfg0, pl0)
+    assert lw0.shared is None
+    y, routing = moe_layer(cl, x, lw0, pl0, return_routing=True)
+    check_against_reference(x, y, routing, sd, cfg0)
 
 
 def test_layer_timing_only_equals_functional_cycles():
@@ -156,6 +197,17 @@ def test_layer_errors():
         MoELayerWeights.from_hf(bad, LAYER, cfg, pl)
     with pytest.raises(TypeError, match="MoEConfig"):
         MoELayerWeights.from_hf(sd, LAYER, None, pl)
+    with pytest.raises(TypeError, match=r"x\[1\] must be a 2-D"):
+        moe_layer(cl, [x[0], [[0.0] * 32]], lw, pl)
+    with pytest.raises(ValueError, match="layer_weights.shared is None"):
+        moe_layer(cl, x, MoELayerWeights(cfg, lw.gate_weight, lw.correction_bias, lw.experts, None), pl)
+    ids = [np.zeros((2, 2), np.int32)] * 2
+    xp = [ph.die(d).gm.empty((2, 32), "bfloat16") for d in range(2)]
+    lwp = MoELayerWeights.phantom(ph, cfg, pl)
+    with pytest.raises(ValueError, match=r"routing\[0\] must be \(topk_ids, topk_weights\) of shape \(2, 2\)"):
+        moe_layer(ph, xp, lwp, pl, routing=[(np.zeros((2, 3), np.int32), np.zeros((2, 3), np.float32))] * 2)
+    with pytest.raises(TypeError, match="topk_weights.* must be float32"):  # not silently rounded to float32
+        moe_layer(ph, xp, lwp, pl, routing=[(i, np.full((2, 2), 0.5)) for i in ids])
     # a placement that lists no shared expert: the shared expert is still packed for the home dies
     bare = ExpertPlacement(8, 2, ((0, 1, 2, 3), (4, 5, 6, 7)))
     lwb = MoELayerWeights.from_hf(sd, LAYER, cfg, bare)

@@ -1,7 +1,7 @@
 """ExpertPlacement (ops/moe/placement.py): deployments, replica routing, shared-die routing and validation.
 
-The references here restate the module's rules independently: replica (h + t) mod n over ascending replica dies,
-shared die index h·S // num_dies.
+The references here restate the module's rules independently: the home die h's j-th copy for an expert (counted in
+(token, k) order) goes to replica (h + j) mod n over the ascending replica dies; shared die index h·S // num_dies.
 """
 import numpy as np
 import pytest
@@ -65,6 +65,18 @@ def test_decode_small_with_redundant_replicas():
         assert sd[0] == h * 2 // 16
 
 
+@given(n=st.integers(2, 5), stride=st.integers(1, 6), T=st.integers(1, 60), h=st.integers(0, 7))
+def test_replicas_split_any_load(n, stride, T, h):
+    """Whatever subset of a die's tokens picks the hot expert (here every stride-th token, the pattern a rule keyed
+    on the token index alone would send to one replica), its n replicas get within one copy of each other."""
+    p = ExpertPlacement(2, 8, [(0,)] + [(1,)] * n + [()] * (7 - n))
+    ids = np.zeros((T, 1), np.int64)
+    ids[::stride] = 1
+    die, _ = p.route(h, ids)
+    counts = np.bincount(die[ids == 1], minlength=8)[1:1 + n]
+    assert counts.sum() == len(range(0, T, stride)) and counts.max() - counts.min() <= 1
+
+
 def test_prefill_ep32():
     p = ExpertPlacement.prefill_ep32()
     check_invariants(p)
@@ -91,11 +103,14 @@ def test_route_matches_rule(E, dies, extra, T, k, seed):
         ids = rng.integers(0, E, (T, k)).astype(np.int32)
         die, slot = p.route(h, ids)
         assert die.shape == slot.shape == (T, k)
+        seen = {}  # expert → copies of this home die so far
         for t in range(T):
             for j in range(k):
-                reps = sorted(d for d in range(dies) if ids[t, j] in slots[d])
-                want = reps[(h + t) % len(reps)]
-                assert die[t, j] == want and slots[want][slot[t, j]] == ids[t, j]
+                e = int(ids[t, j])
+                reps = sorted(d for d in range(dies) if e in slots[d])
+                want = reps[(h + seen.get(e, 0)) % len(reps)]
+                seen[e] = seen.get(e, 0) + 1
+                assert die[t, j] == want and slots[want][slot[t, j]] == e
         shared = sorted(d for d in range(dies) if E in slots[d])
         sr = p.shared_route(h, T)
         if 0 < len(shared) < dies:
@@ -124,7 +139,8 @@ def test_route_matches_rule(E, dies, extra, T, k, seed):
     (lambda: ExpertPlacement.prefill_ep32(16, 4, redundant=[4, 8, 12, 99]), "redundant expert 99 outside"),
     (lambda: ExpertPlacement.prefill_ep32(10, 4), "10 experts over 4 dies"),
     (lambda: ExpertPlacement.prefill_ep32(1, 0), "needs num_experts >= 1 and dies >= 1"),
-    (lambda: ExpertPlacement.prefill_ep32(1, 1), "die 0 holds expert 0 twice"),
+    (lambda: ExpertPlacement.prefill_ep32(1, 1), "with 1 die: .* pass redundant"),
+    (lambda: ExpertPlacement.prefill_ep32(2, 1, redundant=[1]), "die 0 holds expert 1 twice"),
 ])
 def test_validation_errors(make, msg):
     with pytest.raises(ValueError, match=msg):
@@ -155,4 +171,8 @@ def test_query_errors():
         ExpertPlacement(4, 2, [(0, 1), 3])
     with pytest.raises(TypeError, match="must be an int"):
         p.replicas(True)
+    with pytest.raises(TypeError, match="redundant must be a sequence"):
+        ExpertPlacement.prefill_ep32(4, 2, redundant=3)
+    with pytest.raises(TypeError, match="redundant expert id must be an int"):
+        ExpertPlacement.decode_ep320(2, 4, 1, redundant=[1.0])
     assert p == ExpertPlacement(4, 2, [[4, 0, 1], [4, 2, 3]]) and hash(p) == hash(ExpertPlacement.uniform(4, 2))

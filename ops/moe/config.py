@@ -8,8 +8,9 @@ forms the project accepts (DeepSeek-V3's published file with ``rope_scaling``, a
 
 Only DeepSeek-V3's router is implemented: ``scoring_func = "sigmoid"`` and ``topk_method = "noaux_tc"`` (bias-corrected
 group-limited selection). Others (DeepSeek-V2's softmax / ``group_limited_greedy``) raise NotImplementedError;
-a missing or malformed key raises ValueError naming it. Absent ``scoring_func`` / ``topk_method`` /
-``norm_topk_prob`` take transformers' DeepseekV3Config defaults (sigmoid, noaux_tc, true).
+a missing or malformed key raises ValueError naming it. Absent ``scoring_func`` / ``topk_method`` (transformers'
+DeepseekV3Config has neither: its router is always sigmoid + noaux_tc) mean sigmoid / noaux_tc; an absent
+``norm_topk_prob`` takes DeepseekV3Config's default, true.
 """
 from __future__ import annotations
 
@@ -61,6 +62,10 @@ class MoEConfig:
             raise ValueError(f"MoEConfig: routed_scaling_factor must be a positive finite number, got {f!r}")
         if not isinstance(self.norm_topk_prob, (bool, np.bool_)):
             raise ValueError(f"MoEConfig: norm_topk_prob must be a bool, got {self.norm_topk_prob!r}")
+        for name in _INT_KEYS + ("n_shared_experts",):  # plain Python values: equal configs compare and hash equal
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "routed_scaling_factor", float(f))
+        object.__setattr__(self, "norm_topk_prob", bool(self.norm_topk_prob))
         if self.n_routed_experts % self.n_group:
             raise ValueError(f"MoEConfig: n_routed_experts={self.n_routed_experts} is not divisible by "
                              f"n_group={self.n_group}")
@@ -105,17 +110,7 @@ class MoEConfig:
             if key not in config:
                 raise ValueError(f"config: missing key {key!r}")
             kw[key] = config[key]
-        for key in _INT_KEYS:
-            if _bad_int(kw[key]):
-                raise ValueError(f"config: {key} must be a positive integer, got {kw[key]!r}")
         if kw["n_shared_experts"] is None:  # HF allows null: no shared expert
             kw["n_shared_experts"] = 0
-        norm = config.get("norm_topk_prob", True)
-        if not isinstance(norm, bool):
-            raise ValueError(f"config: norm_topk_prob must be true or false, got {norm!r}")
-        kw["norm_topk_prob"] = norm
-        f = kw["routed_scaling_factor"]
-        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f) or f <= 0:
-            raise ValueError(f"config: routed_scaling_factor must be a positive finite number, got {f!r}")
-        kw["routed_scaling_factor"] = float(f)
-        return cls(**kw)
+        kw["norm_topk_prob"] = config.get("norm_topk_prob", True)
+        return cls(**kw)  # __post_init__ checks every value and names the one that is wrong

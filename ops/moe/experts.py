@@ -17,9 +17,11 @@ moe_experts on die d: the received INT8 rows and their per-token scales go strai
     y       = grouped_int8_gemm(q, s, counts, [down of each slot])                  bf16 [R, H]
 
 groups = received.counts, one per local slot, in slot order (rows are grouped by slot). Slots whose weights have
-another shape than the first (a shared expert with n_shared_experts ≠ 1 beside routed ones) must have 0 rows; they
-are left out of the grouped GEMM. The three launches run one after another on the die's stream 0; `die.recording()`
-sums them. Each step is bit-exact to its own NumPy reference, so y equals `experts_reference` bit for bit.
+another shape than the first slot with rows (a shared expert with n_shared_experts ≠ 1 beside routed ones) must have
+0 rows (else NotImplementedError); they are left out of the grouped GEMM. A die without slots, or without rows,
+launches nothing and gets an empty [0, H] array. Intermediates (gate_up, q, s) are freed, also on an error. The
+three launches run one after another on the die's stream 0; `die.recording()` sums them. Each step is bit-exact
+to its own NumPy reference, so y equals `experts_reference` bit for bit.
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ from ..swiglu import swiglu_quant, swiglu_quant_reference
 from .config import MoEConfig
 from .placement import ExpertPlacement
 
-__all__ = ["PackedExpert", "ExpertWeights", "moe_experts", "experts_reference", "pack_expert"]
+__all__ = ["PackedExpert", "ExpertWeights", "moe_experts", "experts_reference", "pack_expert", "load_expert",
+           "phantom_expert"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -81,6 +84,28 @@ def pack_expert(w_gate, w_up, w_down) -> PackedExpert:
     return PackedExpert(pack_weight(q_gu), s_gu, pack_weight(q_dn), s_dn)
 
 
+def load_expert(state_dict, layer, expert, config: MoEConfig, shared_id: int) -> PackedExpert:
+    """Quantise and pack `model.layers.{layer}.mlp.experts.{expert}.*` (or `mlp.shared_experts.*` when expert ==
+    shared_id) after checking that each tensor is there, is a numpy array and has the config's shape."""
+    h = config.hidden_size
+    if expert == shared_id:
+        pre, i = f"model.layers.{layer}.mlp.shared_experts.", config.shared_intermediate_size
+    else:
+        pre, i = f"model.layers.{layer}.mlp.experts.{expert}.", config.moe_intermediate_size
+    return pack_expert(_tensor(state_dict, pre + "gate_proj.weight", (i, h)),
+                       _tensor(state_dict, pre + "up_proj.weight", (i, h)),
+                       _tensor(state_dict, pre + "down_proj.weight", (h, i)))
+
+
+def phantom_expert(gm, hidden: int, intermediate: int) -> PackedExpert:
+    """Timing-only weights of one expert in `gm`: phantom packed gate_up [2·I, H], down [H, I] and their scales."""
+    return PackedExpert(PackedWeight(gm.empty(packed_shape(2 * intermediate, hidden), "int8"), 2 * intermediate,
+                                     hidden),
+                        gm.empty((2 * intermediate,), "float32"),
+                        PackedWeight(gm.empty(packed_shape(hidden, intermediate), "int8"), hidden, intermediate),
+                        gm.empty((hidden,), "float32"))
+
+
 class ExpertWeights:
     """The packed experts of one MoE layer, and which die holds which (`for_die(d)`: one per slot of d)."""
 
@@ -103,20 +128,12 @@ class ExpertWeights:
         if placement.num_experts != config.n_routed_experts:
             raise ValueError(f"ExpertWeights.from_hf: the placement has {placement.num_experts} experts but the "
                              f"config {config.n_routed_experts}")
-        h, i = config.hidden_size, config.moe_intermediate_size
         shared = placement.shared_id
         held = sorted({e for s in placement.slots for e in s})
         if shared in held and not config.n_shared_experts:
             raise ValueError("ExpertWeights.from_hf: the placement holds a shared expert but the config has "
                              "n_shared_experts = 0")
-        logical = {}
-        for e in held:
-            pre = (f"model.layers.{layer}.mlp.shared_experts." if e == shared
-                   else f"model.layers.{layer}.mlp.experts.{e}.")
-            ii = config.shared_intermediate_size if e == shared else i
-            logical[e] = pack_expert(_tensor(state_dict, pre + "gate_proj.weight", (ii, h)),
-                                     _tensor(state_dict, pre + "up_proj.weight", (ii, h)),
-                                     _tensor(state_dict, pre + "down_proj.weight", (h, ii)))
+        logical = {e: load_expert(state_dict, layer, e, config, shared) for e in held}
         return cls(placement, config, [[logical[e] for e in s] for s in placement.slots], logical)
 
     @classmethod
@@ -132,14 +149,8 @@ class ExpertWeights:
         per_die = []
         for d, slots in enumerate(placement.slots):
             gm = cluster.die(d).gm
-            lst = []
-            for e in slots:
-                ii = config.shared_intermediate_size if e == placement.shared_id else config.moe_intermediate_size
-                lst.append(PackedExpert(PackedWeight(gm.empty(packed_shape(2 * ii, h), "int8"), 2 * ii, h),
-                                        gm.empty((2 * ii,), "float32"),
-                                        PackedWeight(gm.empty(packed_shape(h, ii), "int8"), h, ii),
-                                        gm.empty((h,), "float32")))
-            per_die.append(lst)
+            per_die.append([phantom_expert(gm, h, config.shared_intermediate_size if e == placement.shared_id
+                                           else config.moe_intermediate_size) for e in slots])
         return cls(placement, config, per_die)
 
     def for_die(self, d) -> tuple:
@@ -155,6 +166,10 @@ def _groups(received, packs):
     if counts.shape != (len(packs),):
         raise ValueError(f"moe_experts: received.counts has {counts.size} entries but die {received.die} holds "
                          f"{len(packs)} slots")
+    if counts.size and counts.min() < 0:
+        raise ValueError(f"moe_experts: received.counts {counts.tolist()} of die {received.die} has a negative count")
+    if not packs:  # a die that holds no expert receives nothing
+        return [], []
     first = next((p for p, c in zip(packs, counts) if c), packs[0])
     shape = (first.gate_up.n, first.down.n, first.down.k)
     keep = []
@@ -192,16 +207,23 @@ def moe_experts(die, received, expert_weights: ExpertWeights):
                          f"{tuple(received.scales.shape)} do not match the counts (R = {r}) and H = {h}")
     if r == 0:
         return np.zeros((0, h), BF16)
-    gu = grouped_int8_gemm(die, received.tokens, received.scales, counts, [p.gate_up for p in packs],
-                           [p.gate_up_scale for p in packs])
-    q, s = swiglu_quant(die, gu)
-    if isinstance(gu, GlobalTensor):
-        die.gm.free(gu)
-    y = grouped_int8_gemm(die, q, s, counts, [p.down for p in packs], [p.down_scale for p in packs])
-    for a in (q, s):
+    temps = []  # intermediate GlobalTensors, freed also when a step raises
+    try:
+        gu = grouped_int8_gemm(die, received.tokens, received.scales, counts, [p.gate_up for p in packs],
+                               [p.gate_up_scale for p in packs])
+        temps.append(gu)
+        q, s = swiglu_quant(die, gu)
+        temps += [q, s]
+        return grouped_int8_gemm(die, q, s, counts, [p.down for p in packs], [p.down_scale for p in packs])
+    finally:
+        free_temps(die, temps)
+
+
+def free_temps(die, arrays) -> None:
+    """Free the GlobalTensors among `arrays` in die's GM (numpy arrays need nothing)."""
+    for a in arrays:
         if isinstance(a, GlobalTensor):
             die.gm.free(a)
-    return y
 
 
 def experts_reference(tokens, scales, counts, packs) -> np.ndarray:
@@ -209,7 +231,7 @@ def experts_reference(tokens, scales, counts, packs) -> np.ndarray:
     (each bit-exact to its kernel) over the slots' packed weights."""
     tokens, scales = np.asarray(tokens), np.asarray(scales)
     if tokens.shape[0] == 0:
-        return np.zeros((0, packs[0].gate_up.k), BF16)
+        return np.zeros((0, tokens.shape[1]), BF16)
     gu = grouped_int8_gemm_reference(tokens, scales, counts, [unpack_weight(p.gate_up) for p in packs],
                                      [p.gate_up_scale for p in packs])
     q, s = swiglu_quant_reference(gu)

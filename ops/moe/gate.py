@@ -5,8 +5,9 @@
 x [T, H] bf16, gate_weight [E, H] bf16 (HF `mlp.gate.weight`), correction_bias [E] fp32
 (`mlp.gate.e_score_correction_bias`) → topk_ids int32 [T, k], topk_weights fp32 [T, k].
 
-One `@ascendemu.kernel("aiv")` kernel on min(48, T) AIV; block b takes the contiguous tokens [b·T/B, (b+1)·T/B) and
-walks them in token blocks of `plan.tokens` (as many as UB holds, so that each core streams W_gate once per block).
+One `@ascendemu.kernel("aiv")` kernel on B = min(spec.aiv_per_die, T) AIV; block b takes the contiguous tokens
+[b·T/B, (b+1)·T/B) and walks them in token blocks of `plan.tokens` (as many as UB holds, so that each core streams
+W_gate once per block).
 
 Logits (the bulk of the work: E·H MACs per token). Vector formulation: W_gate streams through UB in chunks of
 `ec` ≤ 64 experts × `hc` columns (bf16 DataCopy, double-buffered, Cast to fp32 once per chunk); for each token of
@@ -54,12 +55,11 @@ from ascendemu import (BinaryRepeatParams, DataCopyExtParams, DataCopyParams, Gl
                        RoundMode)
 from ascendemu.layouts import ceil_div, round_up
 
-from ..rowwise import Staging, bar, check_dtype
+from ..rowwise import LANES, Staging, bar, check_dtype
 from .config import MoEConfig
 
 __all__ = ["moe_gate", "GatePlan", "plan_gate"]
 
-LANES = 64  # fp32 lanes of one repeat
 EC_MAX = 64  # expert rows per W_gate chunk (repeats of one Mul/Add)
 HC_MAX = 128  # columns per W_gate chunk
 NEG_INF = float("-inf")

@@ -18,7 +18,11 @@ routing, so `routing=[(topk_ids, topk_weights), …]` (one per die, e.g. uniform
 cluster routing comes from the gate and `routing` must be None. `layer_weights` for timing-only runs:
 `MoELayerWeights.phantom(cluster, config, placement)`.
 
-`moe_layer_reference` (ops/moe/reference.py: `moe_reference`) is the float64 golden.
+`moe_reference` (ops/moe/reference.py) is the float64 golden.
+
+GM: every buffer the layer allocates on the way (gate outputs, the dispatch handle's received rows, the expert and
+shared-expert outputs) is freed before it returns, also when a step raises; only the outputs stay (GlobalTensors on
+a timing-only cluster, the caller's to free).
 """
 from __future__ import annotations
 
@@ -29,12 +33,12 @@ import numpy as np
 import ascendemu
 from ascendemu import GlobalTensor
 
-from ..int8_gemm import BF16, PackedWeight, int8_gemm, packed_shape
+from ..int8_gemm import BF16, int8_gemm
 from ..quant import quantize_per_token
 from ..swiglu import swiglu_quant
 from .config import MoEConfig
 from .dispatch import fused_combine, fused_dispatch
-from .experts import ExpertWeights, PackedExpert, moe_experts, pack_expert
+from .experts import ExpertWeights, PackedExpert, free_temps, load_expert, moe_experts, phantom_expert
 from .gate import moe_gate
 from .placement import ExpertPlacement
 
@@ -73,16 +77,7 @@ class MoELayerWeights:
         if config.n_shared_experts:
             shared = experts.logical.get(placement.shared_id)
             if shared is None:  # no die lists it: it still runs on the home dies
-                s = pre + "shared_experts."
-                i = config.shared_intermediate_size
-                for n, shape in (("gate_proj", (i, h)), ("up_proj", (i, h)), ("down_proj", (h, i))):
-                    if s + n + ".weight" not in state_dict:
-                        raise KeyError(f"MoELayerWeights.from_hf: missing tensor {s + n + '.weight'!r}")
-                    if state_dict[s + n + ".weight"].shape != shape:
-                        raise ValueError(f"MoELayerWeights.from_hf: {s + n}.weight has shape "
-                                         f"{state_dict[s + n + '.weight'].shape}; expected {shape}")
-                shared = pack_expert(state_dict[s + "gate_proj.weight"], state_dict[s + "up_proj.weight"],
-                                     state_dict[s + "down_proj.weight"])
+                shared = load_expert(state_dict, layer, placement.shared_id, config, placement.shared_id)
         return cls(config, state_dict[pre + "gate.weight"], state_dict[pre + "gate.e_score_correction_bias"],
                    experts, shared)
 
@@ -102,12 +97,7 @@ class MoELayerWeights:
                 if placement.shared_id in slots:
                     shared.append(experts.for_die(d)[slots.index(placement.shared_id)])
                 else:
-                    i = config.shared_intermediate_size
-                    gm = cluster.die(d).gm
-                    shared.append(PackedExpert(PackedWeight(gm.empty(packed_shape(2 * i, h), "int8"), 2 * i, h),
-                                               gm.empty((2 * i,), "float32"),
-                                               PackedWeight(gm.empty(packed_shape(h, i), "int8"), h, i),
-                                               gm.empty((h,), "float32")))
+                    shared.append(phantom_expert(cluster.die(d).gm, h, config.shared_intermediate_size))
         return cls(config, gw, gb, experts, shared)
 
     def _per_die(self, value, d):
@@ -119,19 +109,17 @@ def shared_expert(die, x, packed: PackedExpert):
     → swiglu_quant → int8_gemm (down) → bf16 [T, H]. T = 0 gives an empty array."""
     if x.shape[0] == 0:
         return np.zeros((0, packed.hidden), BF16)
-    q, s = quantize_per_token(die, x)
-    gu = int8_gemm(die, q, s, packed.gate_up, packed.gate_up_scale)
-    for a in (q, s):
-        if isinstance(a, GlobalTensor):
-            die.gm.free(a)
-    q2, s2 = swiglu_quant(die, gu)
-    if isinstance(gu, GlobalTensor):
-        die.gm.free(gu)
-    y = int8_gemm(die, q2, s2, packed.down, packed.down_scale)
-    for a in (q2, s2):
-        if isinstance(a, GlobalTensor):
-            die.gm.free(a)
-    return y
+    temps = []  # intermediate GlobalTensors, freed also when a step raises
+    try:
+        q, s = quantize_per_token(die, x)
+        temps += [q, s]
+        gu = int8_gemm(die, q, s, packed.gate_up, packed.gate_up_scale)
+        temps.append(gu)
+        q2, s2 = swiglu_quant(die, gu)
+        temps += [q2, s2]
+        return int8_gemm(die, q2, s2, packed.down, packed.down_scale)
+    finally:
+        free_temps(die, temps)
 
 
 def moe_layer(cluster, x, layer_weights: MoELayerWeights, placement: ExpertPlacement, *, max_tokens_per_rank=None,
@@ -153,6 +141,10 @@ def moe_layer(cluster, x, layer_weights: MoELayerWeights, placement: ExpertPlace
         raise ValueError(f"moe_layer: the placement has {placement.num_dies} dies but the cluster {n}")
     if not isinstance(x, (list, tuple)) or len(x) != n:
         raise ValueError(f"moe_layer: x must be a list with one [T_d, H] array per die ({n})")
+    for d, a in enumerate(x):
+        if not isinstance(a, (np.ndarray, GlobalTensor)) or len(a.shape) != 2:
+            raise TypeError(f"moe_layer: x[{d}] must be a 2-D [T_d, H] numpy array or GlobalTensor, got "
+                            f"{type(a).__name__} {getattr(a, 'shape', '')}")
     cfg = layer_weights.config
     tokens = [int(a.shape[0]) for a in x]
     if max_tokens_per_rank is None:
@@ -160,9 +152,14 @@ def moe_layer(cluster, x, layer_weights: MoELayerWeights, placement: ExpertPlace
     if cluster.functional and routing is not None:
         raise ValueError("moe_layer: routing is computed by the gate on a functional cluster; pass routing=None")
     if not cluster.functional:
-        if routing is None or len(routing) != n:
+        if not isinstance(routing, (list, tuple)) or len(routing) != n:
             raise ValueError("moe_layer: a timing-only cluster needs routing=[(topk_ids, topk_weights)] per die: "
                              "the gate's outputs are phantoms there and dispatch needs real routing")
+        for d, r in enumerate(routing):
+            k = cfg.num_experts_per_tok
+            if not isinstance(r, (list, tuple)) or len(r) != 2 or np.shape(r[0]) != (tokens[d], k):
+                raise ValueError(f"moe_layer: routing[{d}] must be (topk_ids, topk_weights) of shape "
+                                 f"({tokens[d]}, {k}) (x[{d}] rows, config.num_experts_per_tok)")
     shared_local = cfg.n_shared_experts and not placement.shared_remote()
     if shared_local and layer_weights.shared is None:
         raise ValueError("moe_layer: the config has a shared expert but layer_weights.shared is None")
@@ -174,30 +171,32 @@ def moe_layer(cluster, x, layer_weights: MoELayerWeights, placement: ExpertPlace
         r = moe_gate(die, x[d], layer_weights._per_die(layer_weights.gate_weight, d),
                      layer_weights._per_die(layer_weights.correction_bias, d), cfg)
         host = [a.numpy().copy() if isinstance(a, GlobalTensor) and not a.is_phantom else a for a in r]
-        for a in r:
-            if isinstance(a, GlobalTensor):
-                die.gm.free(a)
+        free_temps(die, r)
         if routing is None:
             ids.append(np.asarray(host[0]))
             wts.append(np.asarray(host[1]))
-        else:
+        else:  # as given: dispatch checks the types (topk_weights must be float32, not silently rounded to it)
             ids.append(np.asarray(routing[d][0]))
-            wts.append(np.asarray(routing[d][1], np.float32))
+            wts.append(np.asarray(routing[d][1]))
     # 2. dispatch
     handle = fused_dispatch(cluster, list(x), ids, wts, placement, max_tokens_per_rank, transport=transport)
-    # 3. routed (and remote shared) experts; 4. local shared expert
-    expert_out, shared_out = [], None
-    for d in range(n):
-        expert_out.append(moe_experts(cluster.die(d), handle.for_die(d), layer_weights.experts))
-    if shared_local:
-        shared_out = [shared_expert(cluster.die(d), x[d], layer_weights._per_die(layer_weights.shared, d))
-                      for d in range(n)]
-    # 5. combine
-    out = fused_combine(cluster, expert_out, handle, shared_out=shared_out)
-    for d in range(n):
-        for a in (expert_out[d],) + ((shared_out[d],) if shared_out else ()):
-            if isinstance(a, GlobalTensor) and a.size:
-                cluster.die(d).gm.free(a)
+    temps = [[*handle.received(d)[:2]] for d in range(n)]  # per die: GlobalTensors to free before returning
+    try:
+        # 3. routed (and remote shared) experts; 4. local shared expert
+        expert_out, shared_out = [], None
+        for d in range(n):
+            expert_out.append(moe_experts(cluster.die(d), handle.for_die(d), layer_weights.experts))
+            temps[d].append(expert_out[d])
+        if shared_local:
+            shared_out = []
+            for d in range(n):
+                shared_out.append(shared_expert(cluster.die(d), x[d], layer_weights._per_die(layer_weights.shared, d)))
+                temps[d].append(shared_out[d])
+        # 5. combine
+        out = fused_combine(cluster, expert_out, handle, shared_out=shared_out)
+    finally:
+        for d in range(n):
+            free_temps(cluster.die(d), temps[d])
     return (out, list(zip(ids, wts))) if return_routing else out
 
 

@@ -13,10 +13,11 @@ Two ways the shared expert is placed:
   token is then also dispatched to one shared die, chosen by `shared_route`, and its row comes back through combine
   with weight 1.0.
 
-Replica choice (`route`), stated once: expert e with replicas r_0 < r_1 < … < r_{n−1} (ascending die ids) is served
-for token t of home die h by replica `(h + t) mod n`. Successive tokens of a die rotate over the replicas and
-different dies start at different replicas, so n replicas split any load to within one token per home die.
-(CANN leaves the choice to the caller's EPLB table; this is a deterministic stand-in.)
+Replica choice (`route`), stated once: expert e with replicas r_0 < r_1 < … < r_{n−1} (ascending die ids) serves the
+j-th copy for e of home die h (j = 0, 1, … counting that die's copies for e in token order) by replica `(h + j) mod n`.
+A die's successive copies for e rotate over the replicas and different dies start at different replicas, so n replicas
+split any load of a home die to within one copy. (CANN leaves the choice to the caller's EPLB table; this is a
+deterministic stand-in.)
 
 Shared-die choice (`shared_route`), stated once: with S shared dies s_0 < … < s_{S−1}, every token of home die d goes
 to shared die `s_{d·S // num_dies}` — at EP320 each shared die serves 10 consecutive dies, as CANN's
@@ -38,6 +39,39 @@ def _as_int(value, what: str) -> int:
     return int(value)
 
 
+def _check_seq(values, whole: str) -> None:
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{whole}, got {type(values).__name__}")
+
+
+def _ints(values, what: str, whole: str) -> tuple[int, ...]:
+    """`values` as a tuple of ints; TypeError `whole` if it is not a sequence, `what` … if an entry is no int."""
+    _check_seq(values, whole)
+    return tuple(_as_int(e, what) for e in values)
+
+
+def _even_split(kind: str, num_experts, dies) -> tuple[int, int, int]:
+    """(num_experts, dies, experts per die) of a placement that spreads the routed experts evenly."""
+    num_experts, dies = _as_int(num_experts, "num_experts"), _as_int(dies, "dies")
+    if num_experts < 1 or dies < 1:
+        raise ValueError(f"{kind} placement needs num_experts >= 1 and dies >= 1, got {num_experts}, {dies}")
+    if num_experts % dies:
+        raise ValueError(f"{kind} placement needs num_experts % dies == 0, got {num_experts} experts over "
+                         f"{dies} dies")
+    return num_experts, dies, num_experts // dies
+
+
+def _redundant_ids(redundant, count: int, num_experts: int, what: str) -> list[int]:
+    """The redundant replicas' expert ids, checked: `count` of them, each a routed expert."""
+    ids = list(_ints(redundant, "redundant expert id", "redundant must be a sequence of expert ids"))
+    if len(ids) != count:
+        raise ValueError(f"{what}, but redundant lists {len(ids)} experts")
+    for e in ids:
+        if not 0 <= e < num_experts:
+            raise ValueError(f"redundant expert {e} outside the routed experts 0..{num_experts - 1}")
+    return ids
+
+
 @dataclass(frozen=True)
 class ExpertPlacement:
     """Logical experts → dies. Validated on construction; a bad placement raises ValueError naming the problem."""
@@ -55,13 +89,10 @@ class ExpertPlacement:
             raise ValueError(f"num_experts must be >= 1, got {num_experts}")
         if num_dies < 1:
             raise ValueError(f"num_dies must be >= 1, got {num_dies}")
-        try:
-            slots = tuple(tuple(_as_int(e, f"slots[{d}] entry") for e in die_slots)
-                          for d, die_slots in enumerate(self.slots))
-        except TypeError as exc:
-            if "must be an int" in str(exc):
-                raise
-            raise TypeError(f"slots must be a sequence (one per die) of sequences of expert ids: {exc}") from None
+        whole = "slots must be a sequence (one per die) of sequences of expert ids"
+        _check_seq(self.slots, whole)
+        slots = tuple(_ints(die_slots, f"slots[{d}] entry", f"{whole}; slots[{d}] is not one")
+                      for d, die_slots in enumerate(self.slots))
         if len(slots) != num_dies:
             raise ValueError(f"slots has {len(slots)} entries but num_dies is {num_dies}: give one slot list per die")
         replicas: list[list[int]] = [[] for _ in range(num_experts + 1)]
@@ -128,11 +159,16 @@ class ExpertPlacement:
     def route(self, home_die, topk_ids):
         """(dest_die int64 [T, k], dest_slot int64 [T, k]) for the routed experts of home die's tokens.
 
-        Replica `(home_die + t) mod n` of expert e's n replicas (ascending die ids) serves token t (module doc)."""
+        Replica `(home_die + j) mod n` of expert e's n replicas (ascending die ids) serves the home die's j-th copy
+        for e, counted in (token, k) order (module doc)."""
         h = self._check_die(home_die)
         ids = self._check_topk_ids(topk_ids, h)
-        t = np.arange(ids.shape[0], dtype=np.int64)[:, None]
-        pick = (h + t) % self._rep_count[ids]
+        flat = ids.reshape(-1)
+        order = np.argsort(flat, kind="stable")  # copies grouped by expert, each group in (token, k) order
+        ranked = flat[order]
+        j = np.empty_like(flat)
+        j[order] = np.arange(flat.size) - np.searchsorted(ranked, ranked, side="left")
+        pick = (h + j.reshape(ids.shape)) % self._rep_count[ids]
         return self._rep_die[ids, pick], self._rep_slot[ids, pick]
 
     def shared_route(self, home_die, num_tokens):
@@ -174,14 +210,7 @@ class ExpertPlacement:
     def uniform(cls, num_experts, dies) -> "ExpertPlacement":
         """E/dies routed experts per die, contiguous (die d: d·E/dies …), after a local shared-expert slot on
         every die (slot 0, shared first as in CANN)."""
-        num_experts = _as_int(num_experts, "num_experts")
-        dies = _as_int(dies, "dies")
-        if num_experts < 1 or dies < 1:
-            raise ValueError(f"uniform placement needs num_experts >= 1 and dies >= 1, got {num_experts}, {dies}")
-        if num_experts % dies:
-            raise ValueError(f"uniform placement needs num_experts % dies == 0, got {num_experts} experts over "
-                             f"{dies} dies")
-        per = num_experts // dies
+        num_experts, dies, per = _even_split("uniform", num_experts, dies)
         slots = tuple((num_experts,) + tuple(range(d * per, (d + 1) * per)) for d in range(dies))
         return cls(num_experts, dies, slots)
 
@@ -204,13 +233,9 @@ class ExpertPlacement:
                              f"{shared_dies} shared + {num_experts} routed")
         if redundant is None:
             redundant = [i * num_experts // spare for i in range(spare)]
-        redundant = [_as_int(e, "redundant expert id") for e in redundant]
-        if len(redundant) != spare:
-            raise ValueError(f"decode placement with {dies} dies, {shared_dies} shared and {num_experts} routed "
-                             f"has {spare} redundant dies, but redundant lists {len(redundant)} experts")
-        for e in redundant:
-            if not 0 <= e < num_experts:
-                raise ValueError(f"redundant expert {e} outside the routed experts 0..{num_experts - 1}")
+        redundant = _redundant_ids(redundant, spare, num_experts,
+                                   f"decode placement with {dies} dies, {shared_dies} shared and {num_experts} "
+                                   f"routed has {spare} redundant dies")
         slots = ([(num_experts,)] * shared_dies + [(e,) for e in range(num_experts)]
                  + [(e,) for e in redundant])
         return cls(num_experts, dies, tuple(slots))
@@ -220,22 +245,14 @@ class ExpertPlacement:
         """The prefill deployment (cloudmatrix-design.md §3): per die the shared expert (slot 0), E/dies routed
         experts (die d: d·E/dies …) and one redundant replica `redundant[d]`. Default `redundant[d]`: the first
         routed expert of die d+1 (mod dies)."""
-        num_experts = _as_int(num_experts, "num_experts")
-        dies = _as_int(dies, "dies")
-        if num_experts < 1 or dies < 1:
-            raise ValueError(f"prefill placement needs num_experts >= 1 and dies >= 1, got {num_experts}, {dies}")
-        if num_experts % dies:
-            raise ValueError(f"prefill placement needs num_experts % dies == 0, got {num_experts} experts over "
-                             f"{dies} dies")
-        per = num_experts // dies
+        num_experts, dies, per = _even_split("prefill", num_experts, dies)
         if redundant is None:
+            if dies == 1:
+                raise ValueError("prefill placement with 1 die: the default redundant replica (the next die's first "
+                                 "expert) is the die's own expert 0; pass redundant=[an expert id] explicitly")
             redundant = [((d + 1) % dies) * per for d in range(dies)]
-        redundant = [_as_int(e, "redundant expert id") for e in redundant]
-        if len(redundant) != dies:
-            raise ValueError(f"prefill placement needs one redundant expert per die ({dies}), got {len(redundant)}")
-        for e in redundant:
-            if not 0 <= e < num_experts:
-                raise ValueError(f"redundant expert {e} outside the routed experts 0..{num_experts - 1}")
+        redundant = _redundant_ids(redundant, dies, num_experts,
+                                   f"prefill placement needs one redundant expert per die ({dies})")
         slots = tuple((num_experts,) + tuple(range(d * per, (d + 1) * per)) + (redundant[d],)
                       for d in range(dies))
         return cls(num_experts, dies, slots)
