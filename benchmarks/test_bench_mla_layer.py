@@ -34,7 +34,7 @@ import pytest
 import ascendemu
 from ascendemu.ops.mla import MLACache, MLAConfig, MLAWeights
 from ascendemu.ops.mla.layer import mla_decode, mla_prefill
-from ascendemu.ops.mla.weights import _expected_shapes, hf_names
+from ascendemu.ops.mla.weights import expected_shapes, hf_names
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 BLOCK = 128
@@ -46,7 +46,7 @@ _WEIGHTS = {}
 def r1_weights(int8: bool) -> MLAWeights:
     """R1-shaped weights of zeros (bf16), built once per process (about 10 s with INT8)."""
     if int8 not in _WEIGHTS:
-        shapes = _expected_shapes(CFG)
+        shapes = expected_shapes(CFG)
         sd = {key: np.zeros(shapes[attr] if attr in shapes else (CFG.hidden_size,), BF16)
               for attr, key in hf_names(0, CFG).items()}
         _WEIGHTS[int8] = MLAWeights.from_hf(sd, 0, CFG, int8=int8)

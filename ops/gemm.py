@@ -39,9 +39,10 @@ core carries about total / P + one item whatever the group sizes; empty groups h
 n-tile's m-tiles on one core, so a resident B panel is reused. A group is an expert (grouped INT8 GEMM: its rows
 are consecutive) or a head (batched BF16 GEMM: every head has all M rows, at column offset h·K of A and h·N of y).
 
-Tile choice, unless `tiles` is given: every (m, n) with an L0C accumulator ≤ 128 KiB (m ∈ {64, 128, 256} or the
-rows of the largest group, n a multiple of 16 up to 512) is scored by a cost model — per-core sums of
-max(Mmad, GM bytes at 110 B/cycle) against the die's HBM bytes / 865 B/cycle; it tracks the emulator within ~5 % —
+Tile choice, unless `tiles` is given: every (m, n) whose fp32/int32 accumulator fits L0C (`spec.l0c_bytes`; m ∈
+{64, 128, 256} or the rows of the largest group, n a multiple of 16 up to 512) is scored by a cost model — per-core
+sums of max(Mmad, GM bytes at `spec.gm_read_bytes_per_cycle`) against the die's HBM bytes at
+`spec.hbm_bytes_per_cycle`; it tracks the emulator within ~5 % —
 among the shapes that keep ≥ 90 % of the cores that any shape could keep busy. (Why not fewer cores: the emulator
 does not model L2, so 24 cores re-reading the same A rows look costly here; on the 910C the 192 MB L2 serves those
 re-reads, and a plan that idled cores to avoid them would optimise a model artefact.) Within 3 % of the best score
@@ -164,7 +165,7 @@ def pack_weight(w_q, *, gm=None) -> PackedWeight:
 
 
 def pack_heads(w_heads, *, gm=None) -> tuple:
-    """H per-head weights [H, N, K] (numpy, int8 or bf16) → a tuple of H PackedWeights for batched_bf16_gemm,
+    """H per-head weights [H, N, K] (numpy, int8 or bf16; batched_bf16_gemm takes bf16) → a tuple of H PackedWeights,
     packed once as one stacked array (uploaded once to `gm` if given); each head's data is a view of it."""
     if not isinstance(w_heads, np.ndarray):
         raise TypeError(f"pack_heads: w_heads must be a numpy array [H, N, K], got {type(w_heads).__name__}")
@@ -713,24 +714,30 @@ def _launch_bf16(die, a, weights, out_shape, plan, fn):
         staged.append(g)
         return g
 
+    y = None
     try:
         ga = a if isinstance(a, GlobalTensor) else stage(a)
         datas = [w.data for w in weights]
-        base = datas[0].base if isinstance(datas[0], np.ndarray) else None
-        if (len(datas) > 1 and isinstance(base, np.ndarray) and base.flags.c_contiguous
-                and base.shape == (len(datas),) + datas[0].shape
-                and all(isinstance(d, np.ndarray) and d.base is base for d in datas)
-                and all(d.__array_interface__["data"][0] == base[h].__array_interface__["data"][0]
-                        for h, d in enumerate(datas))):
-            stack = stage(base)  # the heads of pack_heads / packed_heads: one stacked array, staged once
+        if len(datas) > 1 and all(isinstance(d, np.ndarray) for d in datas):
+            stack = stage(np.stack(datas))  # host heads (one shape: checked): one upload, a view per head
             gw = [stack[h] for h in range(len(datas))]
         else:
             gw = [d if isinstance(d, GlobalTensor) else stage(d) for d in datas]
         y = die.gm.empty(out_shape, plan.out_dtype)
         die.launch(bf16_gemm_kernel, block_dim=die.spec.aic_per_die, args=(ga, gw, y, plan))
+    except BaseException:
+        if y is not None:
+            die.gm.free(y)
+        raise
     finally:
         for g in staged:
             die.gm.free(g)
+    return host_result(die, y, arrays)
+
+
+def host_result(die, y, arrays):
+    """The GEMMs' return convention: y as a numpy array (and y freed) when every operand in `arrays` was a numpy
+    array and the die is functional, else the GlobalTensor y (the caller frees it)."""
     if die.functional and all(isinstance(x, np.ndarray) for x in arrays):
         host = y.numpy()
         die.gm.free(y)

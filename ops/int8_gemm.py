@@ -47,8 +47,8 @@ from ascendemu.layouts import ceil_div, round_up
 from ascendemu.numerics import as_dtype
 
 from .gemm import (C0, FRAC, FREE, READY, U16_MAX, WS_SLOTS, GemmPlan, GemmTiles,  # noqa: F401 (re-exported)
-                   PackedWeight, aic_gemm_body, check_array, check_die, check_out_dtype, check_weight, pack_weight,
-                   packed_shape, plan_gemm, unpack_weight)
+                   PackedWeight, aic_gemm_body, check_array, check_die, check_out_dtype, check_weight, host_result,
+                   pack_weight, packed_shape, plan_gemm, unpack_weight)
 
 OUT_DTYPES = ("bfloat16", "int32")
 W_ID = 2  # AIV: MTE2_V / V_MTE2 ids 2, 3 for the w_scale row of an item (0, 1: the chunk ring)
@@ -126,10 +126,9 @@ def grouped_int8_gemm_reference(a_q, a_scale, group_sizes, w_q_list, w_scale_lis
 
 
 def plan_int8_gemm(spec, group_rows, n: int, k: int, *, out_dtype="bfloat16", tiles: GemmTiles | None = None,
-                   cores: int | None = None) -> GemmPlan:
+                   cores: int | None = None, fn: str = "int8_gemm") -> GemmPlan:
     """The host tiling of the INT8 GEMM (ops/gemm.py's plan_gemm with int8 inputs; consecutive groups)."""
-    return plan_gemm(spec, group_rows, n, k, in_dtype="int8", out_dtype=out_dtype, tiles=tiles, cores=cores,
-                     fn="int8_gemm")
+    return plan_gemm(spec, group_rows, n, k, in_dtype="int8", out_dtype=out_dtype, tiles=tiles, cores=cores, fn=fn)
 
 
 # ------------------------------------------------------------------------------------------------ the kernel
@@ -264,7 +263,7 @@ def _run(die, a_q, a_scale, group_sizes, weights, w_scales, out_dtype, tiles, fn
         raise ValueError(f"{fn}: K = {k} and N = {n} must be ≤ {U16_MAX} (Nd2NzParams.srcDValue and "
                          f"DataCopyParams.srcStride are uint16)")
 
-    plan = plan_int8_gemm(die.spec, group_sizes, n, k, out_dtype=out_dtype, tiles=tiles)
+    plan = plan_int8_gemm(die.spec, group_sizes, n, k, out_dtype=out_dtype, tiles=tiles, fn=fn)
     arrays = [a_q, a_scale] + [w.data for w in weights] + list(w_scales)
     staged = []
 
@@ -275,24 +274,25 @@ def _run(die, a_q, a_scale, group_sizes, weights, w_scales, out_dtype, tiles, fn
             return g
         return x
 
-    ga, gs = gm_of(a_q), gm_of(a_scale)
-    gw = [gm_of(w.data) for w in weights]
-    gws = [gm_of(s) for s in w_scales]
-    y = die.gm.empty((m, n), "int32" if plan.int32_out else "bfloat16")
-    work = None
-    if not plan.int32_out:
-        work = die.gm.empty((die.spec.aic_per_die * WS_SLOTS * plan.tiles.m * plan.tiles.n,), "int32")
-        staged.append(work)
+    y = None
     try:
+        ga, gs = gm_of(a_q), gm_of(a_scale)
+        gw = [gm_of(w.data) for w in weights]
+        gws = [gm_of(s) for s in w_scales]
+        y = die.gm.empty((m, n), "int32" if plan.int32_out else "bfloat16")
+        work = None
+        if not plan.int32_out:
+            work = die.gm.empty((die.spec.aic_per_die * WS_SLOTS * plan.tiles.m * plan.tiles.n,), "int32")
+            staged.append(work)
         die.launch(int8_gemm_kernel, block_dim=die.spec.aic_per_die, args=(ga, gs, gw, gws, y, work, plan))
+    except BaseException:
+        if y is not None:
+            die.gm.free(y)
+        raise
     finally:
         for g in staged:
             die.gm.free(g)
-    if die.functional and all(isinstance(x, np.ndarray) for x in arrays):
-        host = y.numpy()
-        die.gm.free(y)
-        return host
-    return y
+    return host_result(die, y, arrays)
 
 
 def int8_gemm(die, a_q, a_scale, w_packed, w_scale, out_dtype="bfloat16", *, tiles: GemmTiles | None = None):
@@ -306,6 +306,7 @@ def int8_gemm(die, a_q, a_scale, w_packed, w_scale, out_dtype="bfloat16", *, til
     """
     if isinstance(w_packed, (list, tuple)):
         raise TypeError("int8_gemm: w_packed must be one PackedWeight; use grouped_int8_gemm for several")
+    check_die(die, "int8_gemm")
     check_weight(die, w_packed, "w_packed", "int8_gemm")
     m = int(a_q.shape[0]) if hasattr(a_q, "shape") and len(a_q.shape) == 2 else 0
     return _run(die, a_q, a_scale, [m], [w_packed], [w_scale], out_dtype, tiles, "int8_gemm")
@@ -334,6 +335,8 @@ def grouped_int8_gemm(die, a_q, a_scale, group_sizes, w_packed_list, w_scale_lis
     if int(sizes.sum()) != m:
         raise ValueError(f"grouped_int8_gemm: group sizes sum to {int(sizes.sum())} but a_q has M = {m} rows")
     if m == 0:  # no token reached any local expert: nothing to launch, an empty result
+        check_die(die, "grouped_int8_gemm")
+        out_dtype = check_out_dtype(out_dtype, OUT_DTYPES, "grouped_int8_gemm")
         n = ws[0].n if isinstance(ws[0], PackedWeight) else None
         if n is None:
             raise TypeError("grouped_int8_gemm: w_packed_list must hold PackedWeight objects from pack_weight")

@@ -21,6 +21,7 @@ from ascendemu.layouts import nd_to_nz
 from ascendemu.ops.gemm import (GemmTiles, PackedWeight, batched_bf16_gemm, batched_bf16_gemm_reference, bf16_gemm,
                                 bf16_gemm_reference, pack_heads, pack_weight, packed_heads, packed_shape, plan_gemm,
                                 round_once)
+from ascendemu.ops.int8_gemm import grouped_int8_gemm, int8_gemm
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -262,3 +263,31 @@ def test_other_bad_inputs():
         packed_heads(np.zeros((2, 3, 1, 16, 16), BF16), 5, 60)
     with pytest.raises(TypeError, match="packed_heads: nz must be a numpy array or a GlobalTensor, got list"):
         packed_heads([], 5, 40)
+
+
+def test_a_failed_launch_frees_every_allocation(monkeypatch):
+    """Staged operands and the output y are freed when the launch fails (nothing is left in GM); the INT8 GEMM,
+    whose host side shares gemm.py's conventions, too."""
+    die = _die()
+    a, w, wh = _operands(np.random.default_rng(3), (8, 32), (16, 32), (2, 16, 32))
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(die, "launch", fail)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        bf16_gemm(die, a, pack_weight(w))
+    with pytest.raises(RuntimeError, match="launch failed"):
+        batched_bf16_gemm(die, np.stack([a, a], axis=1), pack_heads(wh))
+    a_q, w_q = np.ones((8, 32), np.int8), np.ones((16, 32), np.int8)
+    for out in ("bfloat16", "int32"):
+        with pytest.raises(RuntimeError, match="launch failed"):
+            int8_gemm(die, a_q, np.ones(8, np.float32), pack_weight(w_q), np.ones(16, np.float32), out)
+    assert die.gm.in_use == 0
+
+
+def test_grouped_int8_gemm_without_rows_checks_out_dtype():
+    w = pack_weight(np.ones((16, 32), np.int8))
+    with pytest.raises(TypeError, match="grouped_int8_gemm: out_dtype 'float16' is not one of bfloat16, int32"):
+        grouped_int8_gemm(_die(), np.zeros((0, 32), np.int8), np.zeros(0, np.float32), [0], [w],
+                          [np.ones(16, np.float32)], "float16")

@@ -268,7 +268,34 @@ def test_errors():
         run(die, q, k, v, [8], tiling=PrefillTiling(block_dim=25))
     with pytest.raises(ValueError, match="no tiling fits .*L0C needs 524288 B of 131072"):
         run(die, q, k, v, [8], tiling=PrefillTiling(128, 512))
+    with pytest.raises(ValueError, match="kv_tile 32 < q_tile 128: the diagonal KV tile holds up to q_tile keys"):
+        run(die, q, k, v, [8], tiling=PrefillTiling(128, 32))
     narrow = np.zeros((8, 1, 32), BF16)
     with pytest.raises(ValueError, match="no tiling fits .*UB needs"):
         run(die, narrow, narrow, np.zeros((8, 1, 512), BF16), [8], tiling=PrefillTiling(128, 128))
     assert die.gm.in_use == 0  # nothing allocated before the checks, nothing leaked
+
+
+def test_kv_tile_below_the_default_q_tile():
+    """An explicit kv_tile of 32 makes the planner pick q_tile ≤ 32 (the diagonal tile holds q_tile keys), and the
+    result still matches the golden on a sequence long enough for several query tiles."""
+    spec = ascendemu.Die("910c", functional=False).spec
+    plan = plan_prefill(spec, 1, 32, 16, [100], [100], scale=1.0, tiling=PrefillTiling(kv_tile=32))
+    assert plan.kv_tile == 32 and plan.q_tile <= 32
+    q, k, v = make_inputs(12, [100], [130], 2, 32, 16)
+    o = mla_attention_prefill(ascendemu.Die("910c"), q, k, v, [100], [130], tiling=PrefillTiling(kv_tile=32))
+    check_close(o, mla_attention_prefill_reference(q, k, v, [100], [130]), v)
+
+
+def test_a_failed_launch_frees_every_allocation(monkeypatch):
+    """Staged inputs, workspaces and the output are all freed when the launch fails."""
+    die = ascendemu.Die("910c")
+    q, k, v = make_inputs(0, [8], [8], 2, 32, 16)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("launch failed")
+
+    monkeypatch.setattr(die, "launch", fail)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        mla_attention_prefill(die, q, k, v, [8])
+    assert die.gm.in_use == 0

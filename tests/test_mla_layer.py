@@ -25,7 +25,8 @@ import ascendemu
 from ascendemu.ops.mla import MLACache, MLAConfig, MLATiling, MLAWeights, mla_forward_reference, \
     mla_prolog_reference, random_state_dict
 from ascendemu.ops.mla.cache import CacheFullError
-from ascendemu.ops.mla.layer import MLAStats, can_implement, mla_decode, mla_prefill
+from ascendemu.ops.mla.layer import (MLAStats, can_implement, mla_decode, mla_prefill, mla_prefill_kv_kernel,
+                                     plan_prefill_kv)
 from ascendemu.ops.mla.prolog import mla_prolog, rope_tables, swap_offsets
 from ascendemu.ops.mla.rope import apply_rope_interleaved, rope_cos_sin
 
@@ -303,7 +304,7 @@ def test_timing_only_same_cycles(int8):
         cache.allocate([1], [40])
         x = np.zeros((50, cfg.hidden_size), BF16)
         hx = x if functional else die.gm.empty(x.shape, BF16)
-        out, sp = mla_prefill(die, hx[:30] if functional else hx[:30], w, cache, [2, 1], [20, 10], return_stats=True)
+        out, sp = mla_prefill(die, hx[:30], w, cache, [2, 1], [20, 10], return_stats=True)
         xd = x[:4] if functional else die.gm.empty((4, cfg.hidden_size), BF16)
         out_d, sd = mla_decode(die, xd, w, cache, [1, 2], 2, return_stats=True)
         assert isinstance(out_d, np.ndarray) == functional
@@ -401,6 +402,43 @@ def test_failed_step_is_undone():
     die = ascendemu.Die("910c")
     cache = MLACache(die, cfg, 4, 256)
     cache.allocate([1], [5])
+    before = die.gm.in_use
     with pytest.raises(ValueError, match="block_size"):
         mla_decode(die, np.zeros((1, 64), BF16), w, cache, [1])
     assert cache.length(1) == 5
+    assert die.gm.in_use == before, "the failed step left GM allocated"
+    # a failure inside a launch of the prefill's attention phase: the new sequence is dropped, GM freed
+    real = die.launch
+
+    def launch(kernel, *args, **kwargs):
+        if kernel is mla_prefill_kv_kernel:
+            raise RuntimeError("launch failed")
+        return real(kernel, *args, **kwargs)
+
+    die.launch = launch
+    with pytest.raises(RuntimeError, match="launch failed"):
+        mla_prefill(die, np.zeros((3, 64), BF16), w, cache, [2, 1], [2, 1])
+    assert cache.seq_ids == [1] and cache.length(1) == 5 and die.gm.in_use == before
+
+
+def test_shape_limits_of_the_kernels():
+    """Configs beyond what the AIV kernels take are refused by can_implement (and mla_prolog, which also checks its
+    hidden / positions / slots); the k/v builder splits a token's heads into chunks of ≤ 255 (one vector repeat
+    per head) and covers every (token, head) once."""
+    assert "kv_lora_rank = 4112 > 4096" in can_implement(make_config(kv=4112))
+    assert "q_lora_rank = 4608 > 4096" in can_implement(make_config(q_lora=4608))
+    cfg = make_config(kv=4112)
+    die = ascendemu.Die("910c", functional=False)
+    with pytest.raises(ValueError, match="mla_prolog: kv_lora_rank = 4112"):
+        mla_prolog(die, die.gm.empty((1, 64), BF16), weights_of(cfg), None, [0], [0], absorb=False)
+    w = weights_of(make_config())
+    with pytest.raises(TypeError, match="mla_prolog: hidden must be a GlobalTensor of this die's GM, got ndarray"):
+        mla_prolog(die, np.zeros((1, 64), BF16), w, None, [0], [0], absorb=False)
+    with pytest.raises(ValueError, match=r"mla_prolog: positions \(2,\) and slots \(1,\) must have one entry per"):
+        mla_prolog(die, die.gm.empty((2, 64), BF16), w, None, [0, 1], [0], absorb=False)
+    plan = plan_prefill_kv(die.spec, 3, 300, 16, 16, 16)
+    items = [it for core in plan.cores for it in core]
+    assert all(hn <= 255 for _, _, _, hn in items)
+    assert sorted((t, h0 + j) for t, g, h0, hn in items for j in range(hn)) == [(t, h) for t in range(3)
+                                                                               for h in range(300)]
+

@@ -192,8 +192,9 @@ def _pick_tiling(spec, rows: int, kv: int, pe: int, bs: int, max_len: int, tilin
     raise ValueError(f"mla_attention_decode: no tiling fits: {fits(1, 1)}")
 
 
-def _lpt(costs: list, n_groups: int) -> list[list[int]]:
-    """Longest processing time first: item indices per group."""
+def lpt(costs: list, n_groups: int) -> list[list[int]]:
+    """Longest processing time first: the item indices of each of `n_groups` groups (each list ascending), items
+    taken by decreasing cost onto the least loaded group. Shared by the decode and prefill planners."""
     loads = [0] * n_groups
     out = [[] for _ in range(n_groups)]
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
@@ -277,7 +278,7 @@ def plan_decode(spec, q_shape, kv_dim: int, pe_dim: int, block_size: int, length
                 costs.append((sum(x.ntok for x in tl) + t) * (rows + 64))  # ~bytes moved; + a tile for the fill
             units.append((m, pb, pid, (b * m_total + r0) * kv_dim))
     n_groups = min(n_aic, len(items))
-    groups = tuple(tuple(items[i] for i in g) for g in _lpt(costs, n_groups))
+    groups = tuple(tuple(items[i] for i in g) for g in lpt(costs, n_groups))
     # merge: dc output dims per unit; UB holds 2 + 1 fp32 and 2 bf16 dc × rows tiles, the Gather offsets (u32),
     # and (m, l, w) of `chunk` partials
     dc = next(d for d in (512, 256, 128, 64, 32, 16) if d <= max(kv_dim, 16) and
@@ -292,7 +293,7 @@ def plan_decode(spec, q_shape, kv_dim: int, pe_dim: int, block_size: int, length
 # ------------------------------------------------------------------------------------------------------- kernels
 
 
-def _views():
+def views():
     """A memo of `t[offset:]` for 1-D tensors, for one kernel body: slicing a tensor costs more host time than the
     bookkeeping of an instruction, and the kernels take the same views again and again."""
     memo = {}
@@ -307,16 +308,71 @@ def _views():
     return view
 
 
-def _sync(ctx, event: HardEvent, i: int) -> None:
+def sync(ctx, event: HardEvent, i: int = 0) -> None:
+    """set_flag then wait_flag of one event id: the next instruction of the waiting pipe starts after the
+    setting pipe's earlier ones (the usual SetFlag/WaitFlag pair of Ascend C)."""
     ctx.set_flag(event, i)
     ctx.wait_flag(event, i)
 
 
-class _AicState:
+class AicState:
+    """The AIC's running counters of one kernel body: il0 (L0A/L0B ping-pong), ic (L0C ping-pong), gt (global tile
+    index: the workspace slot)."""
+
     __slots__ = ("il0", "ic", "gt")
 
     def __init__(self):
         self.il0 = self.ic = self.gt = 0
+
+
+def aic_events_free(ctx, slots: int) -> None:
+    """At the start of an attention AIC body, every "buffer free" event set once (CATLASS style: each set has its
+    wait): MTE1_MTE2 for Q (ID_Q), P (ID_P) and the `slots` K/V tile slots (ID_SLOT + s); M_MTE1 and FIX_M for both
+    halves of the L0A/L0B and L0C ping-pong."""
+    for s in range(slots):
+        ctx.set_flag(HardEvent.MTE1_MTE2, ID_SLOT + s)
+    ctx.set_flag(HardEvent.MTE1_MTE2, ID_Q)
+    ctx.set_flag(HardEvent.MTE1_MTE2, ID_P)
+    for p in range(2):
+        ctx.set_flag(HardEvent.M_MTE1, p)
+        ctx.set_flag(HardEvent.FIX_M, p)
+
+
+def aic_events_drain(ctx, slots: int) -> None:
+    """At the end of an attention AIC body, the waits matching `aic_events_free`: no event is left set."""
+    for s in range(slots):
+        ctx.wait_flag(HardEvent.MTE1_MTE2, ID_SLOT + s)
+    ctx.wait_flag(HardEvent.MTE1_MTE2, ID_Q)
+    ctx.wait_flag(HardEvent.MTE1_MTE2, ID_P)
+    for p in range(2):
+        ctx.wait_flag(HardEvent.M_MTE1, p)
+        ctx.wait_flag(HardEvent.FIX_M, p)
+
+def qk_scores(ctx, st: AicState, l0a, l0b, l0c, q_chunks, kchunks, k_l1, n1: int, m: int, m1: int, n: int, dst,
+              pitch: int) -> None:
+    """S = Q·Kᵀ of m query rows and n keys → fp32 in GM at `dst` (row pitch `pitch`), on the AIC: per K chunk (k0, kw)
+    of `kchunks`, Load2D Q's Zz strip chunk (`q_chunks`) to L0A and K's fractals to L0B — `k_l1` is Nz(K) ≡ Zn(Kᵀ)
+    with n1 fractal rows, so dims k0..k0+kw are (kw/16)·n1 consecutive fractals — and Mmad, accumulating in L0C
+    tile st.ic % 2; then one Fixpipe. The L0 ping-pongs advance st.il0 / st.ic (events M_MTE1, FIX_M by slot)."""
+    E = HardEvent
+    cq = st.ic % 2
+    st.ic += 1
+    ctx.wait_flag(E.FIX_M, cq)
+    for ci, (k0, kw) in enumerate(kchunks):
+        p = st.il0 % 2
+        st.il0 += 1
+        ctx.wait_flag(E.M_MTE1, p)
+        ctx.load_data(l0a[p], q_chunks[ci], LoadData2DParams(repeat_times=m1 * (kw // FRAC)))
+        ctx.load_data(l0b[p], k_l1, LoadData2DParams(start_index=(k0 // FRAC) * n1, repeat_times=(kw // FRAC) * n1))
+        sync(ctx, E.MTE1_M, p)
+        if ci and m1 * n1 < 10:  # [Mmad.md] hazard on small accumulating tiles
+            ctx.pipe_barrier(PIPE_M)
+        ctx.mmad(l0c[cq], l0a[p], l0b[p], MmadParams(m=m, n=n, k=kw, cmatrix_init_val=ci == 0, disable_gemv=True))
+        ctx.set_flag(E.M_MTE1, p)
+    sync(ctx, E.M_FIX, cq)
+    ctx.fixpipe(dst, l0c[cq], FixpipeParamsV220(n_size=n, m_size=m, dst_stride=pitch, quant_pre=QuantMode.NoQuant))
+    ctx.set_flag(E.FIX_M, cq)
+
 
 
 def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part):
@@ -324,7 +380,7 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
         plan.rows, plan.tile
     kd = kv + pe
     nbs = bs // FRAC  # fractals of 16 tokens per block
-    view = _views()
+    view = views()
     kchunks = [(k0, min(KC, kv - k0)) for k0 in range(0, kv, KC)] + \
               [(kv + k0, min(KC, pe - k0)) for k0 in range(0, pe, KC)]
     vchunks = [(d0, min(NC, kv - d0)) for d0 in range(0, kv, NC)]
@@ -338,14 +394,8 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
     l0b = [ctx.l0b.alloc((L0AB_ELEMS,), BF16) for _ in range(2)]
     l0c = [ctx.l0c.alloc((L0C_ELEMS,), F32) for _ in range(2)]
     E = HardEvent
-    for s in range(depth):
-        ctx.set_flag(E.MTE1_MTE2, ID_SLOT + s)
-    ctx.set_flag(E.MTE1_MTE2, ID_Q)
-    ctx.set_flag(E.MTE1_MTE2, ID_P)
-    for p in range(2):
-        ctx.set_flag(E.M_MTE1, p)
-        ctx.set_flag(E.FIX_M, p)
-    st = _AicState()
+    aic_events_free(ctx, depth)
+    st = AicState()
 
     def s_tile(item, tile, slot, buf, m, m1):
         """S = Q·Kᵀ for each block of the tile → S workspace (rows × T, fp32)."""
@@ -355,28 +405,8 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
             kvb = l1_kv[slot][j]
             ctx.data_copy(kvb, view(c_kv, blk * bs * kv), bs * kv)  # one Nz block: (kv/16) strips of bs × 16
             ctx.data_copy(l1_pe[slot][j], view(k_pe, blk * bs * pe), bs * pe)  # k_pe strips follow: kd columns
-            _sync(ctx, E.MTE2_MTE1, ID_KVL)
-            cq = st.ic % 2
-            st.ic += 1
-            ctx.wait_flag(E.FIX_M, cq)
-            for ci, (k0, kw) in enumerate(kchunks):
-                p = st.il0 % 2
-                st.il0 += 1
-                ctx.wait_flag(E.M_MTE1, p)
-                ctx.load_data(l0a[p], q_chunks[ci], LoadData2DParams(repeat_times=m1 * (kw // FRAC)))
-                # Nz(K) ≡ Zn(Kᵀ): dims k0..k0+kw of the block are (kw/16)·(bs/16) consecutive fractals
-                ctx.load_data(l0b[p], kvb, LoadData2DParams(start_index=(k0 // FRAC) * nbs,
-                                                            repeat_times=(kw // FRAC) * nbs))
-                _sync(ctx, E.MTE1_M, p)
-                if ci and m1 * nbs < 10:  # [Mmad.md] hazard on small accumulating tiles
-                    ctx.pipe_barrier(PIPE_M)
-                ctx.mmad(l0c[cq], l0a[p], l0b[p], MmadParams(m=m, n=bs, k=kw, cmatrix_init_val=ci == 0,
-                                                             disable_gemv=True))
-                ctx.set_flag(E.M_MTE1, p)
-            _sync(ctx, E.M_FIX, cq)
-            ctx.fixpipe(view(s_ws, s_base + j * bs), l0c[cq], FixpipeParamsV220(n_size=bs, m_size=m, dst_stride=t,
-                                                                           quant_pre=QuantMode.NoQuant))
-            ctx.set_flag(E.FIX_M, cq)
+            sync(ctx, E.MTE2_MTE1, ID_KVL)
+            qk_scores(ctx, st, l0a, l0b, l0c, q_chunks, kchunks, kvb, nbs, m, m1, bs, view(s_ws, s_base + j * bs), t)
 
     def pv_tile(item, tile, slot, buf, m, m1):
         """Oᵀ_tile = Vᵀ·Pᵀ per 128 output dims, accumulated over the tile's blocks → the tile's partial (kv × rows)."""
@@ -387,7 +417,7 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
         for j, k in blocks:  # P of block j (m × k) → L1 as Nz, which is Zn(Pᵀ); columns past k are zero-padded
             ctx.data_copy(l1_p[j], view(p_ws, p_base + j * bs), Nd2NzParams(
                 nd_num=1, n_value=m, d_value=k, src_d_value=t, dst_nz_c0_stride=m1 * FRAC, dst_nz_n_stride=1))
-        _sync(ctx, E.MTE2_MTE1, ID_PL)
+        sync(ctx, E.MTE2_MTE1, ID_PL)
         for d0, dw in vchunks:
             dw1 = dw // FRAC
             cq = st.ic % 2
@@ -408,13 +438,13 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
                         ctx.load_data(view(l0a[p], i * k1 * FE), kvb, LoadData2DParams(
                             start_index=(d0 // FRAC + i) * nbs, repeat_times=k1, if_transpose=True))
                 ctx.load_data(l0b[p], l1_p[j], LoadData2DParams(repeat_times=k1 * m1))  # Zn(Pᵀ) = Nz(P)
-                _sync(ctx, E.MTE1_M, p)
+                sync(ctx, E.MTE1_M, p)
                 if n and m1 * dw1 < 10:
                     ctx.pipe_barrier(PIPE_M)
                 ctx.mmad(l0c[cq], l0a[p], l0b[p], MmadParams(m=dw, n=m, k=k, cmatrix_init_val=n == 0,
                                                              disable_gemv=True))
                 ctx.set_flag(E.M_MTE1, p)
-            _sync(ctx, E.M_FIX, cq)
+            sync(ctx, E.M_FIX, cq)
             ctx.fixpipe(o_part[(tile.pid * kv + d0) * rows:], l0c[cq],
                         FixpipeParamsV220(n_size=m, m_size=dw, dst_stride=rows, quant_pre=QuantMode.NoQuant))
             ctx.set_flag(E.FIX_M, cq)
@@ -427,7 +457,7 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
         ctx.wait_flag(E.MTE1_MTE2, ID_Q)
         for (k0, kw), dst in zip(kchunks, q_chunks):
             copy_gm_to_l1_strips(ctx, dst, q[item.q_off + k0:], m, kw, kd)
-        _sync(ctx, E.MTE2_MTE1, ID_QL)
+        sync(ctx, E.MTE2_MTE1, ID_QL)
         pending = []
         for i, tile in enumerate(item.tiles):
             slot, buf = st.gt % depth, st.gt % 2
@@ -442,16 +472,10 @@ def _aic_body(ctx, g, items, plan: DecodePlan, q, c_kv, k_pe, s_ws, p_ws, o_part
         while pending:
             pv_tile(item, *pending.pop(0), m, m1)
 
-    for s in range(depth):
-        ctx.wait_flag(E.MTE1_MTE2, ID_SLOT + s)
-    ctx.wait_flag(E.MTE1_MTE2, ID_Q)
-    ctx.wait_flag(E.MTE1_MTE2, ID_P)
-    for p in range(2):
-        ctx.wait_flag(E.M_MTE1, p)
-        ctx.wait_flag(E.FIX_M, p)
+    aic_events_drain(ctx, depth)
 
 
-def _mask(ctx, s_ub, r0: int, r1: int, v: int, t: int) -> None:
+def mask_columns(ctx, s_ub, r0: int, r1: int, v: int, t: int) -> None:
     """Columns ≥ v of rows [r0, r1) of the R × T score tile ← NEG (repeat form: one repeat per row)."""
     c = v // 64
     while c * 64 < t:
@@ -464,7 +488,7 @@ def _mask(ctx, s_ub, r0: int, r1: int, v: int, t: int) -> None:
 def _aiv_body(ctx, g, items, plan: DecodePlan, s_ws, p_ws, ml_ws):
     """Softmax of the AIV's half of the rows of each S tile; P (bf16) and the tile's (max, sum) back to GM."""
     sub = ctx.sub_block_idx
-    view = _views()
+    view = views()
     r, t, rows, scale = plan.aiv_rows, plan.tile, plan.rows, plan.scale
     ra = sub * r
     s_ub = ctx.ub.alloc((r * t,), F32)
@@ -488,12 +512,12 @@ def _aiv_body(ctx, g, items, plan: DecodePlan, s_ws, p_ws, ml_ws):
             ctx.cross_core_wait_flag(FLAG_S)
             ctx.wait_flag(E.V_MTE2, 0)
             ctx.data_copy(s_ub, view(s_ws, base), r * t)
-            _sync(ctx, E.MTE2_V, 0)
+            sync(ctx, E.MTE2_V, 0)
             ctx.wait_flag(E.MTE3_V, 0)
             ctx.muls(s_ub, s_ub, scale, r * t)
             ctx.pipe_barrier(PIPE_V)
             for a, z, v in groups:
-                _mask(ctx, s_ub, a, z, min(max(v - tile.t0, 0), tile.ntok), t)
+                mask_columns(ctx, s_ub, a, z, min(max(v - tile.t0, 0), tile.ntok), t)
             ctx.pipe_barrier(PIPE_V)
             # row max: fold the 64-lane column chunks, then reduce each row
             ctx.adds(acc, s_ub, 0.0, w0, r, UnaryRepeatParams(1, 1, 8, rep))
@@ -514,7 +538,7 @@ def _aiv_body(ctx, g, items, plan: DecodePlan, s_ws, p_ws, ml_ws):
             ctx.whole_reduce_sum(sm, acc, w0, r, 1, 1, 8)
             ctx.cast(p_ub, s_ub, RoundMode.CAST_RINT, r * t)
             ctx.set_flag(E.V_MTE2, 0)
-            _sync(ctx, E.V_MTE3, 0)
+            sync(ctx, E.V_MTE3, 0)
             ctx.data_copy(view(p_ws, base), p_ub, r * t)
             ctx.data_copy(view(ml_ws, tile.pid * 2 * rows + ra), mx, r)
             ctx.data_copy(view(ml_ws, (tile.pid * 2 + 1) * rows + ra), sm, r)
@@ -543,7 +567,7 @@ def mla_decode_merge_kernel(ctx, o_part, ml_ws, out, offsets, plan: DecodePlan):
     a source repeat stride of 0; the result is transposed back to rows × dims with Gather (`offsets`: the byte
     offsets (d·rows + r)·2 for r-major output; the vector Transpose instruction is not modelled)."""
     rows, kv, pc, dc = plan.rows, plan.kv_dim, plan.merge_chunk, plan.merge_cols
-    view = _views()
+    view = views()
     rrep = rows // 8  # 32 B blocks per `rows` fp32
     rch = [(r0, min(64, rows - r0)) for r0 in range(0, rows, 64)]
     ml = ctx.ub.alloc((pc * 2 * rows,), F32)  # [partial, (m, l), rows]
@@ -568,7 +592,7 @@ def mla_decode_merge_kernel(ctx, o_part, ml_ws, out, offsets, plan: DecodePlan):
     def load_ml(p0, n):
         ctx.wait_flag(E.V_MTE2, ML)
         ctx.data_copy(ml, view(ml_ws, p0 * 2 * rows), n * 2 * rows)
-        _sync(ctx, E.MTE2_V, ML)
+        sync(ctx, E.MTE2_V, ML)
 
     def scale_rows(x, w, dw):  # x[d, r] *= w[r] for d < dw: one repeat per dim, ≤ 255 repeats an instruction
         for e0 in range(0, dw, 128):
@@ -619,7 +643,7 @@ def mla_decode_merge_kernel(ctx, o_part, ml_ws, out, offsets, plan: DecodePlan):
                 k += 1
                 ctx.wait_flag(E.V_MTE2, s)
                 ctx.data_copy(ob[s], view(o_part, ((p0 + i) * kv + d0) * rows), dw * rows)
-                _sync(ctx, E.MTE2_V, s)
+                sync(ctx, E.MTE2_V, s)
                 scale_rows(ob[s], view(wv, i * rows), dw)
                 ctx.pipe_barrier(PIPE_V)
                 if n_done == 0:
@@ -638,7 +662,7 @@ def mla_decode_merge_kernel(ctx, o_part, ml_ws, out, offsets, plan: DecodePlan):
         ctx.cast(o16, acc, RoundMode.CAST_RINT, dw * rows)
         ctx.pipe_barrier(PIPE_V)
         ctx.gather(o16t, o16, offs, 0, m * dc)  # dims × rows → rows × dims (the m real rows)
-        _sync(ctx, E.V_MTE3, 0)
+        sync(ctx, E.V_MTE3, 0)
         ctx.data_copy(view(out, out_off), o16t, DataCopyParams(block_count=m, block_len=dw // 16,
                                                                src_stride=(dc - dw) // 16, dst_stride=(kv - dw) // 16))
         ctx.set_flag(E.MTE3_V, 0)

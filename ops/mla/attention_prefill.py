@@ -63,14 +63,15 @@ from dataclasses import dataclass
 import numpy as np
 
 import ascendemu
-from ascendemu import (PIPE_FIX, PIPE_M, PIPE_MTE3, PIPE_V, SELMODE, BinaryRepeatParams, DataCopyParams,
+from ascendemu import (PIPE_FIX, PIPE_MTE3, PIPE_V, SELMODE, BinaryRepeatParams, DataCopyParams,
                        FixpipeParamsV220, GlobalTensor, HardEvent, LoadData2DParams, MmadParams, Nd2NzParams,
                        QuantMode, ReduceOrder, RoundMode, UnaryRepeatParams)
 from ascendemu.layouts import ceil_div
-from ascendemu.numerics import as_dtype, dtype_name
+from ascendemu.numerics import as_dtype
 from ascendemu.ops.matmul import copy_gm_to_l1_strips
 
-from .attention import NEG, _lpt, _mask, _sync, _views
+from .attention import (ID_P, ID_Q, ID_SLOT, NEG, AicState, aic_events_drain, aic_events_free, lpt, mask_columns,
+                        qk_scores, sync, views)
 
 __all__ = ["mla_attention_prefill", "mla_attention_prefill_reference", "PrefillTiling", "PrefillPlan",
            "plan_prefill", "mla_prefill_kernel"]
@@ -83,7 +84,7 @@ MAX_Q_TILE, MAX_KV_TILE = 128, 512
 U16_MAX = 65535  # Nd2NzParams.srcDValue is a uint16_t: the row pitch h·d of q/k/v in elements
 FLAG_S, FLAG_P, FLAG_O = 0, 1, 2  # cross-core: S in GM (AIC → AIVs), P in GM (AIVs → AIC), O in GM (AIC → AIVs)
 # intra-core event ids, AIC
-ID_Q, ID_P, ID_SLOT = 0, 1, 2  # MTE1_MTE2: Q, P, K/V slot s (ids 2, 3) free again
+# MTE1_MTE2 (attention.py's, shared with decode): ID_Q, ID_P, ID_SLOT + s — Q, P, K/V slot s (ids 2, 3) free again
 ID_KL, ID_QL, ID_PL, ID_VL = 0, 1, 2, 3  # MTE2_MTE1: K / Q / P in L1; V of slot s (ids 3, 4)
 # intra-core event ids, AIV
 EV_S, EV_O, EV_MASK = 0, 1, 2  # V_MTE2: the S / O-in / mask buffer is free again
@@ -98,8 +99,9 @@ _cdiv = ceil_div
 @dataclass(frozen=True)
 class PrefillTiling:
     """q_tile: query rows per work item (a multiple of 16, ≤ 128); kv_tile: keys per KV tile (a multiple of 32,
-    ≤ 512); block_dim: AIC groups (≤ the die's AIC count). None picks: the largest q_tile / kv_tile (128, 128
-    first) that fit L0C, L1 and UB, and min(AIC count, items) groups."""
+    ≤ 512, ≥ q_tile: the diagonal tile holds as many keys as the item has queries); block_dim: AIC groups (≤ the
+    die's AIC count). None picks: the largest q_tile / kv_tile (128, 128 first) that fit L0C, L1 and UB, and
+    min(AIC count, items) groups."""
 
     q_tile: int | None = None
     kv_tile: int | None = None
@@ -139,6 +141,8 @@ class PrefillPlan:
 
 def _fits(spec, mq: int, t: int, dqk: int, dv: int) -> str | None:
     """None if a q_tile × kv_tile tiling fits the core's buffers, else what overflows."""
+    if t < mq:  # the diagonal tile holds the keys of all the item's queries: up to q_tile of them
+        return f"kv_tile {t} < q_tile {mq}: the diagonal KV tile holds up to q_tile keys"
     r = mq // 2
     kc, nc = min(KC, dqk), min(NC, dv)
     need = {"L0C": (2 * max(mq * t, mq * nc) * 4, spec.l0c_bytes),
@@ -206,23 +210,16 @@ def plan_prefill(spec, h: int, d_qk: int, d_v: int, seq_lens, kv_lens, *, scale:
         n_groups = min(int(bd), len(items))
     else:
         n_groups = min(n_aic, len(items))
-    groups = tuple(tuple(items[i] for i in g) for g in _lpt(costs, n_groups))
+    groups = tuple(tuple(items[i] for i in g) for g in lpt(costs, n_groups))
     return PrefillPlan(h, d_qk, d_v, mq, t, float(scale), groups, len(items))
 
 
 # ------------------------------------------------------------------------------------------------------- kernels
 
 
-class _AicState:
-    __slots__ = ("il0", "ic", "gt")
-
-    def __init__(self):
-        self.il0 = self.ic = self.gt = 0
-
-
 def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
     h, dqk, dv, mq, t = plan.h, plan.d_qk, plan.d_v, plan.q_tile, plan.kv_tile
-    view = _views()
+    view = views()
     kchunks = [(k0, min(KC, dqk - k0)) for k0 in range(0, dqk, KC)]
     vchunks = [(d0, min(NC, dv - d0)) for d0 in range(0, dv, NC)]
     l1_q = ctx.l1.alloc((mq * dqk,), BF16)  # Q in Zz strips, one region per K chunk
@@ -236,14 +233,8 @@ def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
     l0c = [ctx.l0c.alloc((max(mq * t, mq * min(NC, dv)),), F32) for _ in range(2)]
     rk, rv = h * dqk, h * dv  # GM row pitch of q/k and of v
     E = HardEvent
-    for s in range(2):
-        ctx.set_flag(E.MTE1_MTE2, ID_SLOT + s)
-    ctx.set_flag(E.MTE1_MTE2, ID_Q)
-    ctx.set_flag(E.MTE1_MTE2, ID_P)
-    for p in range(2):
-        ctx.set_flag(E.M_MTE1, p)
-        ctx.set_flag(E.FIX_M, p)
-    st = _AicState()
+    aic_events_free(ctx, 2)  # two K/V tile slots
+    st = AicState()
 
     def s_tile(item, tile, slot, buf, m, m1):
         """Load K and V of the tile into `slot`; S = Q·Kᵀ → S workspace (m × ntok of a q_tile × kv_tile tile)."""
@@ -253,32 +244,12 @@ def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
         ctx.wait_flag(E.MTE1_MTE2, ID_SLOT + slot)
         ctx.data_copy(l1_k[slot], view(k, row), Nd2NzParams(nd_num=1, n_value=n, d_value=dqk, src_d_value=rk,
                                                             dst_nz_c0_stride=n1 * FRAC, dst_nz_n_stride=1))
-        _sync(ctx, E.MTE2_MTE1, ID_KL)
+        sync(ctx, E.MTE2_MTE1, ID_KL)
         vrow = (item.kv_tok + tile.k0) * rv + item.head * dv
         for (d0, dw), dst in zip(vchunks, v_chunks[slot]):
             copy_gm_to_l1_strips(ctx, dst, view(v, vrow + d0), n, dw, rv)
         ctx.set_flag(E.MTE2_MTE1, ID_VL + slot)
-        cq = st.ic % 2
-        st.ic += 1
-        ctx.wait_flag(E.FIX_M, cq)
-        for ci, (k0, kw) in enumerate(kchunks):
-            p = st.il0 % 2
-            st.il0 += 1
-            ctx.wait_flag(E.M_MTE1, p)
-            ctx.load_data(l0a[p], q_chunks[ci], LoadData2DParams(repeat_times=m1 * (kw // FRAC)))
-            # Nz(K) ≡ Zn(Kᵀ): dims k0..k0+kw are (kw/16)·n1 consecutive fractals
-            ctx.load_data(l0b[p], l1_k[slot], LoadData2DParams(start_index=(k0 // FRAC) * n1,
-                                                               repeat_times=(kw // FRAC) * n1))
-            _sync(ctx, E.MTE1_M, p)
-            if ci and m1 * n1 < 10:  # [Mmad.md] hazard on small accumulating tiles
-                ctx.pipe_barrier(PIPE_M)
-            ctx.mmad(l0c[cq], l0a[p], l0b[p], MmadParams(m=m, n=n, k=kw, cmatrix_init_val=ci == 0,
-                                                         disable_gemv=True))
-            ctx.set_flag(E.M_MTE1, p)
-        _sync(ctx, E.M_FIX, cq)
-        ctx.fixpipe(view(s_ws, buf * mq * t), l0c[cq], FixpipeParamsV220(n_size=n, m_size=m, dst_stride=t,
-                                                                         quant_pre=QuantMode.NoQuant))
-        ctx.set_flag(E.FIX_M, cq)
+        qk_scores(ctx, st, l0a, l0b, l0c, q_chunks, kchunks, l1_k[slot], n1, m, m1, n, view(s_ws, buf * mq * t), t)
 
     def pv_tile(item, tile, slot, buf, m, m1):
         """O_tile = P·V per 128 output dims → O workspace (m × d_v fp32)."""
@@ -287,7 +258,7 @@ def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
         ctx.cross_core_wait_flag(FLAG_P)  # both AIVs wrote their rows of P
         ctx.wait_flag(E.MTE1_MTE2, ID_P)
         copy_gm_to_l1_strips(ctx, l1_p, view(p_ws, buf * mq * t), m, n, t)  # Zz: m1 strips of n1 fractals
-        _sync(ctx, E.MTE2_MTE1, ID_PL)
+        sync(ctx, E.MTE2_MTE1, ID_PL)
         ctx.wait_flag(E.MTE2_MTE1, ID_VL + slot)
         for ci, (d0, dw) in enumerate(vchunks):
             dw1 = dw // FRAC
@@ -302,10 +273,10 @@ def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
             if ci == len(vchunks) - 1:
                 ctx.set_flag(E.MTE1_MTE2, ID_P)
                 ctx.set_flag(E.MTE1_MTE2, ID_SLOT + slot)
-            _sync(ctx, E.MTE1_M, p)
+            sync(ctx, E.MTE1_M, p)
             ctx.mmad(l0c[cq], l0a[p], l0b[p], MmadParams(m=m, n=dw, k=n, cmatrix_init_val=True, disable_gemv=True))
             ctx.set_flag(E.M_MTE1, p)
-            _sync(ctx, E.M_FIX, cq)
+            sync(ctx, E.M_FIX, cq)
             ctx.fixpipe(view(o_ws, buf * mq * dv + d0), l0c[cq],
                         FixpipeParamsV220(n_size=dw, m_size=m, dst_stride=dv, quant_pre=QuantMode.NoQuant))
             ctx.set_flag(E.FIX_M, cq)
@@ -318,7 +289,7 @@ def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
         qrow = item.q_tok * rk + item.head * dqk
         for (k0, kw), dst in zip(kchunks, q_chunks):
             copy_gm_to_l1_strips(ctx, dst, view(q, qrow + k0), m, kw, rk)
-        _sync(ctx, E.MTE2_MTE1, ID_QL)
+        sync(ctx, E.MTE2_MTE1, ID_QL)
         pending = []
         for i, tile in enumerate(item.tiles):
             slot = buf = st.gt % 2
@@ -333,19 +304,13 @@ def _aic_body(ctx, g, items, plan: PrefillPlan, q, k, v, s_ws, p_ws, o_ws):
         while pending:
             pv_tile(item, *pending.pop(0), m, m1)
 
-    for s in range(2):
-        ctx.wait_flag(E.MTE1_MTE2, ID_SLOT + s)
-    ctx.wait_flag(E.MTE1_MTE2, ID_Q)
-    ctx.wait_flag(E.MTE1_MTE2, ID_P)
-    for p in range(2):
-        ctx.wait_flag(E.M_MTE1, p)
-        ctx.wait_flag(E.FIX_M, p)
+    aic_events_drain(ctx, 2)
 
 
 def _aiv_body(ctx, g, items, plan: PrefillPlan, s_ws, p_ws, o_ws, mask, out):
     """Online softmax and the O accumulator of the AIV's half of each item's rows."""
     sub = ctx.sub_block_idx
-    view = _views()
+    view = views()
     h, dv, mq, t, scale = plan.h, plan.d_v, plan.q_tile, plan.kv_tile, plan.scale
     rmax = mq // 2
     s_ub = ctx.ub.alloc((rmax * t,), F32)
@@ -383,18 +348,18 @@ def _aiv_body(ctx, g, items, plan: PrefillPlan, s_ws, p_ws, o_ws, mask, out):
         ctx.cross_core_wait_flag(FLAG_S)
         ctx.wait_flag(E.V_MTE2, EV_S)
         ctx.data_copy(s_ub, view(s_ws, buf * mq * t + ra * t), r * t)
-        _sync(ctx, E.MTE2_V, EV_S)
+        sync(ctx, E.MTE2_V, EV_S)
         ctx.muls(s_ub, s_ub, scale, r * t)
         ctx.pipe_barrier(PIPE_V)
         if tile.kind == 2:  # the diagonal tile: row i sees columns ≤ i (mask rows ra.. of the constant triangle)
             ctx.wait_flag(E.V_MTE2, EV_MASK)
             ctx.data_copy(m_ub, view(mask, ra * t // 8), r * t // 8)
-            _sync(ctx, E.MTE2_V, EV_MASK)
+            sync(ctx, E.MTE2_V, EV_MASK)
             ctx.select(s_ub, m_ub, s_ub, NEG, SELMODE.VSEL_TENSOR_SCALAR_MODE, r * t)
             ctx.set_flag(E.V_MTE2, EV_MASK)
             ctx.pipe_barrier(PIPE_V)
         elif tile.kind == 1:  # the first tile of a sequence is short: columns past its keys
-            _mask(ctx, s_ub, 0, r, tile.ntok, t)
+            mask_columns(ctx, s_ub, 0, r, tile.ntok, t)
             ctx.pipe_barrier(PIPE_V)
         row_reduce(mx if first else mt, r, ctx.max,
                    lambda dst, n: ctx.whole_reduce_max(dst, red, w0, n, 1, 1, 8, ReduceOrder.ORDER_ONLY_VALUE))
@@ -423,7 +388,7 @@ def _aiv_body(ctx, g, items, plan: PrefillPlan, s_ws, p_ws, o_ws, mask, out):
             ctx.pipe_barrier(PIPE_V)
             ctx.add(sm, sm, rs, r)
         ctx.set_flag(E.V_MTE2, EV_S)
-        _sync(ctx, E.V_MTE3, EV_P)
+        sync(ctx, E.V_MTE3, EV_P)
         ctx.data_copy(view(p_ws, buf * mq * t + ra * t), p_ub, r * t)
         ctx.cross_core_set_flag(2, PIPE_MTE3, FLAG_P)
         ctx.set_flag(E.MTE3_V, EV_P)
@@ -439,7 +404,7 @@ def _aiv_body(ctx, g, items, plan: PrefillPlan, s_ws, p_ws, o_ws, mask, out):
         ctx.cross_core_wait_flag(FLAG_O)
         ctx.wait_flag(E.V_MTE2, EV_O)
         ctx.data_copy(o_in, view(o_ws, buf * mq * dv + ra * dv), r * dv)
-        _sync(ctx, E.MTE2_V, EV_O)
+        sync(ctx, E.MTE2_V, EV_O)
         ctx.pipe_barrier(PIPE_V)
         if first:
             ctx.adds(acc, o_in, 0.0, r * dv)
@@ -465,7 +430,7 @@ def _aiv_body(ctx, g, items, plan: PrefillPlan, s_ws, p_ws, o_ws, mask, out):
         scale_rows(ctx.div, sm, r)
         ctx.wait_flag(E.MTE3_V, EV_OUT)
         ctx.cast(o16, acc, RoundMode.CAST_RINT, r * dv)
-        _sync(ctx, E.V_MTE3, EV_OUT)
+        sync(ctx, E.V_MTE3, EV_OUT)
         mv = min(r, item.m - ra)  # real rows of this AIV's half
         if mv > 0:
             ctx.data_copy(view(out, ((item.q_tok + ra) * h + item.head) * dv), o16,
@@ -547,6 +512,8 @@ def mla_attention_prefill(die, q, k, v, seq_lens, kv_lens=None, *, softmax_scale
     tokens per sequence (Σ = Tq); kv_lens: key tokens per sequence (Σ = Tk, each ≥ its seq_len; default
     seq_lens). softmax_scale: default d_qk^−½. Returns o [Tq, h, d_v] bf16: a numpy array if the inputs are numpy
     and the die is functional, else a GlobalTensor. One launch."""
+    if not isinstance(die, ascendemu.Die):
+        raise TypeError(f"mla_attention_prefill: die must be an ascendemu.Die, got {type(die).__name__}")
     names = ("q", "k", "v")
     host = []
     for name, x in zip(names, (q, k, v)):
@@ -562,7 +529,7 @@ def mla_attention_prefill(die, q, k, v, seq_lens, kv_lens=None, *, softmax_scale
         if len(x.shape) != 3:
             raise ValueError(f"mla_attention_prefill: {name} must be 3-D [tokens, heads, dims], got shape "
                              f"{tuple(x.shape)}")
-        if dtype_name(as_dtype(x.dtype)) != "bfloat16":
+        if np.dtype(x.dtype) != BF16:
             raise TypeError(f"mla_attention_prefill: {name} is {x.dtype}; it must be bfloat16")
     (tq, h, dqk), (tk, hk, dqk_k), (tv, hv, dv) = (tuple(int(s) for s in x.shape) for x in (q, k, v))
     if not (h == hk == hv) or h < 1:
@@ -600,22 +567,28 @@ def mla_attention_prefill(die, q, k, v, seq_lens, kv_lens=None, *, softmax_scale
     plan = plan_prefill(die.spec, h, dqk, dv, sl, kl, scale=float(softmax_scale), tiling=tiling)
     mq, t = plan.q_tile, plan.kv_tile
     tri = np.arange(t)[None, :] <= np.arange(mq)[:, None]  # [row, column]: column visible
-    gin = [die.gm.from_numpy(x) if hst else x for x, hst in zip((q, k, v), host)]
     n_groups = len(plan.groups)
-    ws = [die.gm.empty((n_groups * 2 * mq * t,), F32),  # S tiles
-          die.gm.empty((n_groups * 2 * mq * t,), BF16),  # P tiles
-          die.gm.empty((n_groups * 2 * mq * dv,), F32),  # O tiles
-          die.gm.from_numpy(np.packbits(tri, axis=1, bitorder="little").reshape(-1))]  # the diagonal tile's mask
-    out = die.gm.empty((tq, h, dv), BF16)
+    staged, ws, out = [], [], None  # everything allocated here is freed if any step fails (out: kept on success)
     try:
+        gin = []
+        for x, hst in zip((q, k, v), host):
+            gin.append(die.gm.from_numpy(x) if hst else x)
+            if hst:
+                staged.append(gin[-1])
+        ws.append(die.gm.empty((n_groups * 2 * mq * t,), F32))  # S tiles
+        ws.append(die.gm.empty((n_groups * 2 * mq * t,), BF16))  # P tiles
+        ws.append(die.gm.empty((n_groups * 2 * mq * dv,), F32))  # O tiles
+        ws.append(die.gm.from_numpy(np.packbits(tri, axis=1, bitorder="little").reshape(-1)))  # the diagonal's mask
+        out = die.gm.empty((tq, h, dv), BF16)
         die.launch(mla_prefill_kernel, block_dim=n_groups,
                    args=(*(x.flatten() for x in gin), *ws, out.flatten(), plan))
+    except BaseException:
+        if out is not None:
+            die.gm.free(out)
+        raise
     finally:
-        for w in ws:
-            die.gm.free(w)
-        for x, hst in zip(gin, host):
-            if hst:
-                die.gm.free(x)
+        for x in ws + staged:
+            die.gm.free(x)
     if all(host) and die.functional:
         res = out.numpy()
         die.gm.free(out)

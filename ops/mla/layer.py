@@ -34,17 +34,17 @@ import numpy as np
 
 import ascendemu
 from ascendemu import DataCopyParams, GlobalTensor, HardEvent, UnaryRepeatParams
-from ascendemu.numerics import as_dtype, dtype_name
 from ascendemu.ops.rowwise import calc_buffer
 
-from .attention import mla_attention_decode
+from .attention import mla_attention_decode, sync
 from .attention_prefill import mla_attention_prefill
 from .cache import MLACache
-from .prolog import (BF16, FRAC, _split, _sync, batched_linear, free_all, gather_context, linear, mla_prolog,
-                     to_gm)
+from .prolog import (BF16, FRAC, batched_linear, can_implement, free_all, gather_context, linear, mla_prolog,
+                     split_items, to_gm)
 from .weights import MLAWeights
 
-__all__ = ["mla_prefill", "mla_decode", "MLAStats", "mla_prefill_kv_kernel", "PrefillKVPlan", "plan_prefill_kv"]
+__all__ = ["mla_prefill", "mla_decode", "MLAStats", "mla_prefill_kv_kernel", "PrefillKVPlan", "plan_prefill_kv",
+           "can_implement"]  # can_implement: prolog.py's, re-exported
 
 E = HardEvent
 PHASES = ("prolog", "attention", "o_proj")
@@ -106,14 +106,14 @@ class PrefillKVPlan:
 
 def plan_prefill_kv(spec, tokens: int, heads: int, nope: int, pe: int, v: int) -> PrefillKVPlan:
     per_head = 2 * (nope + pe + v)
-    room = 96 * 1024
-    if heads * per_head <= room:
+    room = spec.ub_bytes // 2  # k, v and p rows of one item in half the UB
+    if heads * per_head <= room and heads <= 255:  # the k_pe broadcast: one vector repeat per head (≤ 255)
         g = int(max(1, min(room // (heads * per_head), 4095 // heads)))
         items = [(t, min(g, tokens - t), 0, heads) for t in range(0, tokens, g)]
     else:
-        hc = int(max(1, room // per_head))
+        hc = int(max(1, min(255, room // per_head)))
         items = [(t, 1, h0, min(hc, heads - h0)) for t in range(tokens) for h0 in range(0, heads, hc)]
-    cores = tuple(tuple(items[a:b]) for a, b in _split(len(items), spec.aiv_per_die))
+    cores = tuple(tuple(items[a:b]) for a, b in split_items(len(items), spec.aiv_per_die))
     return PrefillKVPlan(heads, nope, pe, v, cores)
 
 
@@ -144,11 +144,11 @@ def mla_prefill_kv_kernel(ctx, kv, p, k, v, plan: PrefillKVPlan):
         ctx.data_copy(vu, kvf[src + d:], DataCopyParams(block_count=g * hn, block_len=dv // FRAC,
                                                         src_stride=d // FRAC))
         ctx.data_copy(pu, p.flatten()[t0 * r:], g * r)
-        _sync(ctx, E.MTE2_V)
+        sync(ctx, E.MTE2_V)
         for j in range(g):
             ctx.adds(k16[j * hn * qk + d:], p16[j * r:], 0, r, hn,
                      UnaryRepeatParams(dst_rep_stride=qk // FRAC, src_rep_stride=0))
-        _sync(ctx, E.V_MTE3)
+        sync(ctx, E.V_MTE3)
         dst = (t0 * hd + h0)
         ctx.data_copy(kf[dst * qk:], ku, g * hn * qk)
         ctx.data_copy(vf[dst * dv:], vu, g * hn * dv)
@@ -164,6 +164,8 @@ def mla_prefill_kv_kernel(ctx, kv, p, k, v, plan: PrefillKVPlan):
 
 
 def _check_common(fn, die, hidden, weights, cache, seq_ids, int8):
+    if not isinstance(die, ascendemu.Die):
+        raise TypeError(f"{fn}: die must be an ascendemu.Die, got {type(die).__name__}")
     if not isinstance(weights, MLAWeights):
         raise TypeError(f"{fn}: weights must be an MLAWeights, got {type(weights).__name__}")
     if not isinstance(cache, MLACache):
@@ -184,7 +186,7 @@ def _check_common(fn, die, hidden, weights, cache, seq_ids, int8):
         raise TypeError(f"{fn}: hidden must be a numpy array or a GlobalTensor, got {type(hidden).__name__}")
     if len(hidden.shape) != 2 or hidden.shape[1] != c.hidden_size:
         raise ValueError(f"{fn}: hidden must be [T, {c.hidden_size}], got shape {tuple(hidden.shape)}")
-    if dtype_name(as_dtype(hidden.dtype)) != "bfloat16":
+    if np.dtype(hidden.dtype) != BF16:
         raise TypeError(f"{fn}: hidden is {hidden.dtype}; it must be bfloat16")
     ids = list(np.atleast_1d(np.asarray(seq_ids, dtype=object)))
     for s in ids:
@@ -203,18 +205,6 @@ def _check_common(fn, die, hidden, weights, cache, seq_ids, int8):
     return c, ids, bool(int8)
 
 
-def can_implement(c) -> str | None:
-    """Why the kernels cannot run this config, or None."""
-    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "hidden_size"):
-        if getattr(c, name) % FRAC:
-            return f"{name} = {getattr(c, name)} must be a multiple of {FRAC} (32 B rows of bf16)"
-    if c.q_lora_rank is not None and c.q_lora_rank % FRAC:
-        return f"q_lora_rank = {c.q_lora_rank} must be a multiple of {FRAC}"
-    if c.qk_rope_head_dim > 64:
-        return f"qk_rope_head_dim = {c.qk_rope_head_dim} > 64 (RoPE takes one 64-lane repeat per head)"
-    return None
-
-
 def _reserve(fn, cache: MLACache, ids, new_lengths):
     """Grow the sequences (all or nothing); returns the undo."""
     old = {s: (cache.length(s) if s in cache else None) for s in ids}
@@ -230,14 +220,41 @@ def _reserve(fn, cache: MLACache, ids, new_lengths):
     return undo
 
 
-def _finish(die, hidden, staged, out):
-    if staged is not None:
-        die.gm.free(staged)
+def _sublayer(fn, die, hidden, weights, cache, ids, past, new_lens, int8, absorb, attend):
+    """What mla_prefill and mla_decode share: reserve the new tokens' cache slots, stage hidden, then the three
+    phases (prolog; `attend(q, tmp)` → o [T, h, v_head_dim], which appends what it allocates to tmp; o_proj), each
+    recorded in an MLAStats. On failure the reservation is undone and everything allocated here is freed.
+    Returns (out, stats): out numpy if hidden is numpy and the die functional, else the GlobalTensor."""
+    c = weights.config
+    t = sum(new_lens)
+    undo = _reserve(fn, cache, ids, [p + n for p, n in zip(past, new_lens)])
+    stats = MLAStats()
+    staged = None
+    tmp = []
+    try:
+        gx, was_staged = to_gm(die, hidden, "hidden", fn)
+        staged = gx if was_staged else None
+        positions = np.concatenate([np.arange(p, p + n) for p, n in zip(past, new_lens)])
+        slots = np.concatenate([cache.slot_mapping(s, np.arange(p, p + n)) for s, p, n in zip(ids, past, new_lens)])
+        with stats.phase(die, "prolog"):
+            pro = mla_prolog(die, gx, weights, cache, positions, slots, absorb=absorb, int8=int8)
+        tmp.append(pro.q)
+        with stats.phase(die, "attention"):
+            o = attend(pro.q, tmp)
+        with stats.phase(die, "o_proj"):
+            out = linear(die, o.reshape((t, c.num_heads * c.v_head_dim)), weights, "o_proj", int8)
+    except BaseException:
+        undo()
+        free_all(die, staged)
+        raise
+    finally:
+        free_all(die, *tmp)
+    free_all(die, staged)
     if isinstance(hidden, np.ndarray) and die.functional:
         host = out.numpy()
         die.gm.free(out)
-        return host
-    return out
+        return host, stats
+    return out, stats
 
 
 # -------------------------------------------------------------------------------------------------- prefill
@@ -260,43 +277,27 @@ def mla_prefill(die, hidden, weights: MLAWeights, cache: MLACache, seq_ids, seq_
     if any(n < 1 for n in lens) or sum(lens) != t:
         raise ValueError(f"{fn}: seq_lens {lens} must be ≥ 1 each and sum to T = {t} (the rows of hidden)")
     past = [cache.length(s) if s in cache else 0 for s in ids]
-    undo = _reserve(fn, cache, ids, [p + n for p, n in zip(past, lens)])
-    stats = MLAStats()
-    staged = tmp = None
-    tmp = []
-    try:
-        gx, was_staged = to_gm(die, hidden, "hidden", fn)
-        staged = gx if was_staged else None
-        positions = np.concatenate([np.arange(p, p + n) for p, n in zip(past, lens)])
-        slots = np.concatenate([cache.slot_mapping(s, np.arange(p, p + n)) for s, p, n in zip(ids, past, lens)])
-        with stats.phase(die, "prolog"):
-            pro = mla_prolog(die, gx, weights, cache, positions, slots, absorb=False, int8=int8)
-        tmp.append(pro.q)
-        h, d, r, dv = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
-        kv_lens = [p + n for p, n in zip(past, lens)]
-        with stats.phase(die, "attention"):
-            ctx_slots = np.concatenate([cache.slot_mapping(s, np.arange(L)) for s, L in zip(ids, kv_lens)])
-            c_ctx, p_ctx = gather_context(die, cache, ctx_slots)
-            tmp += [c_ctx, p_ctx]
-            kv = linear(die, c_ctx, weights, "kv_b_proj", False)
-            tmp.append(kv)
-            lk = len(ctx_slots)
-            k = die.gm.empty((lk, h, d + r), BF16)
-            v = die.gm.empty((lk, h, dv), BF16)
-            tmp += [k, v]
-            plan = plan_prefill_kv(die.spec, lk, h, d, r, dv)
-            die.launch(mla_prefill_kv_kernel, block_dim=len(plan.cores), args=(kv, p_ctx, k, v, plan))
-            o = mla_attention_prefill(die, pro.q, k, v, lens, kv_lens, softmax_scale=c.softmax_scale)
-            tmp.append(o)
-        with stats.phase(die, "o_proj"):
-            out = linear(die, o.reshape((t, h * dv)), weights, "o_proj", int8)
-    except BaseException:
-        undo()
-        free_all(die, staged)
-        raise
-    finally:
-        free_all(die, *tmp)
-    out = _finish(die, hidden, staged, out)
+    h, d, r, dv = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    kv_lens = [p + n for p, n in zip(past, lens)]
+
+    def attend(q, tmp):  # the naive form over each sequence's whole context (past + new)
+        ctx_slots = np.concatenate([cache.slot_mapping(s, np.arange(L)) for s, L in zip(ids, kv_lens)])
+        c_ctx, p_ctx = gather_context(die, cache, ctx_slots)
+        tmp += [c_ctx, p_ctx]
+        kv = linear(die, c_ctx, weights, "kv_b_proj", False)
+        tmp.append(kv)
+        lk = len(ctx_slots)
+        k = die.gm.empty((lk, h, d + r), BF16)
+        tmp.append(k)
+        v = die.gm.empty((lk, h, dv), BF16)
+        tmp.append(v)
+        plan = plan_prefill_kv(die.spec, lk, h, d, r, dv)
+        die.launch(mla_prefill_kv_kernel, block_dim=len(plan.cores), args=(kv, p_ctx, k, v, plan))
+        o = mla_attention_prefill(die, q, k, v, lens, kv_lens, softmax_scale=c.softmax_scale)
+        tmp.append(o)
+        return o
+
+    out, stats = _sublayer(fn, die, hidden, weights, cache, ids, past, lens, int8, False, attend)
     return (out, stats) if return_stats else out
 
 
@@ -321,34 +322,16 @@ def mla_decode(die, hidden, weights: MLAWeights, cache: MLACache, seq_ids, token
         if s not in cache:
             raise KeyError(f"{fn}: sequence {s} is not in the cache (prefill it first)")
     past = [cache.length(s) for s in ids]
-    undo = _reserve(fn, cache, ids, [p + tokens_per_seq for p in past])
-    stats = MLAStats()
-    staged = None
-    tmp = []
+    h, C, dv = c.num_heads, c.kv_lora_rank, c.v_head_dim
     t = b * tokens_per_seq
-    try:
-        gx, was_staged = to_gm(die, hidden, "hidden", fn)
-        staged = gx if was_staged else None
-        positions = np.concatenate([np.arange(p, p + tokens_per_seq) for p in past])
-        slots = np.concatenate([cache.slot_mapping(s, np.arange(p, p + tokens_per_seq)) for s, p in zip(ids, past)])
-        with stats.phase(die, "prolog"):
-            pro = mla_prolog(die, gx, weights, cache, positions, slots, absorb=True, int8=int8)
-        tmp.append(pro.q)
-        h, C, dv = c.num_heads, c.kv_lora_rank, c.v_head_dim
-        with stats.phase(die, "attention"):
-            q = pro.q.reshape((b, tokens_per_seq, h, C + c.qk_rope_head_dim))
-            o_lat = mla_attention_decode(die, q, cache, ids, softmax_scale=c.softmax_scale, num_splits=num_splits,
-                                         tiling=tiling)
-            tmp.append(o_lat)
-            o = batched_linear(die, o_lat.reshape((t, h, C)), weights.w_uv_nz, dv, C)
-            tmp.append(o)
-        with stats.phase(die, "o_proj"):
-            out = linear(die, o.reshape((t, h * dv)), weights, "o_proj", int8)
-    except BaseException:
-        undo()
-        free_all(die, staged)
-        raise
-    finally:
-        free_all(die, *tmp)
-    out = _finish(die, hidden, staged, out)
+
+    def attend(q, tmp):  # the absorbed form over the cache, then o = o_lat · W_UVᵀ per head
+        o_lat = mla_attention_decode(die, q.reshape((b, tokens_per_seq, h, C + c.qk_rope_head_dim)), cache, ids,
+                                     softmax_scale=c.softmax_scale, num_splits=num_splits, tiling=tiling)
+        tmp.append(o_lat)
+        o = batched_linear(die, o_lat.reshape((t, h, C)), weights.w_uv_nz, dv, C)
+        tmp.append(o)
+        return o
+
+    out, stats = _sublayer(fn, die, hidden, weights, cache, ids, past, [tokens_per_seq] * b, int8, True, attend)
     return (out, stats) if return_stats else out

@@ -46,25 +46,22 @@ from ascendemu.ops.int8_gemm import int8_gemm
 from ascendemu.ops.quant import quantize_per_token
 from ascendemu.ops.rowwise import BLOCK, LANES, apply_rows, bar, calc_buffer
 
+from .attention import sync
 from .cache import MLACache
 from .rope import rope_cos_sin
 from .weights import MLAWeights
 
 __all__ = ["mla_prolog", "PrologOutput", "linear", "batched_linear", "rope_tables", "swap_offsets",
            "mla_kv_cache_kernel", "mla_q_rope_kernel", "mla_kv_gather_kernel", "KVCachePlan", "QRopePlan",
-           "GatherPlan", "plan_kv_cache", "plan_q_rope", "plan_kv_gather", "gather_context", "to_gm", "free_all"]
+           "GatherPlan", "can_implement", "split_items", "plan_kv_cache", "plan_q_rope", "plan_kv_gather",
+           "gather_context", "to_gm", "free_all"]
 
 BF16, F32, U32 = as_dtype("bfloat16"), as_dtype("float32"), as_dtype("uint32")
 FRAC = 16  # bf16 elements of a 32 B block (C0)
 E = HardEvent
 
 
-def _sync(ctx, event, i: int = 0) -> None:
-    ctx.set_flag(event, i)
-    ctx.wait_flag(event, i)
-
-
-def _split(n_items: int, n_cores: int) -> list[tuple[int, int]]:
+def split_items(n_items: int, n_cores: int) -> list[tuple[int, int]]:
     """Contiguous [start, stop) ranges of items, one per core (the first n_items % n_cores get one more)."""
     n = min(n_items, n_cores)
     base, extra = divmod(n_items, n) if n else (0, 0)
@@ -74,6 +71,25 @@ def _split(n_items: int, n_cores: int) -> list[tuple[int, int]]:
         out.append((s, s + k))
         s += k
     return out
+
+
+# ---------------------------------------------------------------------------------------------- what runs
+
+
+def can_implement(c) -> str | None:
+    """Why the kernels cannot run this config, or None."""
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "hidden_size"):
+        if getattr(c, name) % FRAC:
+            return f"{name} = {getattr(c, name)} must be a multiple of {FRAC} (32 B rows of bf16)"
+    if c.q_lora_rank is not None and c.q_lora_rank % FRAC:
+        return f"q_lora_rank = {c.q_lora_rank} must be a multiple of {FRAC}"
+    for name in ("q_lora_rank", "kv_lora_rank"):
+        if (getattr(c, name) or 0) > 64 * LANES:
+            return (f"{name} = {getattr(c, name)} > {64 * LANES} (RMSNorm's Σx² is two WholeReduceSum levels of "
+                    f"{LANES} lanes)")
+    if c.qk_rope_head_dim > 64:
+        return f"qk_rope_head_dim = {c.qk_rope_head_dim} > 64 (RoPE takes one 64-lane repeat per head)"
+    return None
 
 
 # ------------------------------------------------------------------------------------------- host data for RoPE
@@ -110,7 +126,7 @@ def _rope(ctx, out, x, xs, cs, swap, r: int, rows: int) -> None:
     bar(ctx)
 
 
-# ------------------------------------------------------------------------------- 5: RMSNorm + RoPE + cache write
+# ------------------------------------------------------------------------------- 2: RMSNorm + RoPE + cache write
 
 
 @dataclass(frozen=True)
@@ -133,7 +149,7 @@ def plan_kv_cache(spec, slots, q_dim: int, kv_dim: int, pe_dim: int, block_size:
     c_off = blk * block_size * kv_dim + off * FRAC
     p_off = blk * block_size * pe_dim + off * FRAC
     cores = tuple(tuple((t, int(c_off[t]), int(p_off[t])) for t in range(a, b))
-                  for a, b in _split(len(slots), spec.aiv_per_die))
+                  for a, b in split_items(len(slots), spec.aiv_per_die))
     return KVCachePlan(q_dim, kv_dim, pe_dim, block_size, float(eps), cores)
 
 
@@ -208,7 +224,7 @@ def mla_kv_cache_kernel(ctx, a, q_norm_w, kv_norm_w, cs, swap, cq_out, c_kv, k_p
     if q_norm:
         q_norm.load_weight(q_norm_w)
     ctx.data_copy(sw, swap, r)
-    _sync(ctx, E.MTE2_V)
+    sync(ctx, E.MTE2_V)
     kv_norm.cast_weight()
     if q_norm:
         q_norm.cast_weight()
@@ -220,7 +236,7 @@ def mla_kv_cache_kernel(ctx, a, q_norm_w, kv_norm_w, cs, swap, cq_out, c_kv, k_p
             ctx.wait_flag(E.V_MTE2, 0)  # raw / csb free
         ctx.data_copy(raw, a_flat[t * width:], width)
         ctx.data_copy(csb, cs[t], 2 * r)
-        _sync(ctx, E.MTE2_V)
+        sync(ctx, E.MTE2_V)
         ctx.cast(v, raw, RoundMode.CAST_NONE, width)
         bar(ctx)
         if not first:
@@ -231,7 +247,7 @@ def mla_kv_cache_kernel(ctx, a, q_norm_w, kv_norm_w, cs, swap, cq_out, c_kv, k_p
         _rope(ctx, v[qd + c:], v[qd + c:], xs, csb, sw, r, 1)
         ctx.cast(out16[qd + c:], v[qd + c:], RoundMode.CAST_RINT, r)
         ctx.set_flag(E.V_MTE2, 0)
-        _sync(ctx, E.V_MTE3)
+        sync(ctx, E.V_MTE3)
         if q_norm:
             ctx.data_copy(cq_out[t], out16, qd)
         ctx.data_copy(c_kv[c_off:], out16[qd:], DataCopyParams(block_count=c // FRAC, block_len=1,
@@ -245,7 +261,7 @@ def mla_kv_cache_kernel(ctx, a, q_norm_w, kv_norm_w, cs, swap, cq_out, c_kv, k_p
         ctx.wait_flag(E.MTE3_V, 0)
 
 
-# ------------------------------------------------------------------------------------------------- 6: q RoPE
+# ------------------------------------------------------------------------------------------------- 4: q RoPE
 
 
 @dataclass(frozen=True)
@@ -263,9 +279,9 @@ class QRopePlan:
 
 def plan_q_rope(spec, t: int, heads: int, nope: int, pe: int, lat: int) -> QRopePlan:
     per_head = 2 * (lat + pe) + 4 * pe * 4 + 2 * pe  # out row, x / xs / swap (fp32, u32), q_pe bf16
-    hc = int(max(1, min(heads, 255, (96 * 1024) // per_head)))
+    hc = int(max(1, min(heads, 255, (spec.ub_bytes // 2) // per_head)))  # half the UB; ≤ 255 repeats
     items = [(tok, h0, min(hc, heads - h0)) for tok in range(t) for h0 in range(0, heads, hc)]
-    cores = tuple(tuple(items[a:b]) for a, b in _split(len(items), spec.aiv_per_die))
+    cores = tuple(tuple(items[a:b]) for a, b in split_items(len(items), spec.aiv_per_die))
     return QRopePlan(heads, nope, pe, lat, hc, cores)
 
 
@@ -296,7 +312,7 @@ def mla_q_rope_kernel(ctx, q, q_lat, cs, swap, out, plan: QRopePlan):
         if lat:
             ctx.data_copy(o16, q_lat.flatten()[(tok * hd + h0) * lat:],
                           DataCopyParams(block_count=hn, block_len=lat // FRAC, dst_stride=r // FRAC))
-        _sync(ctx, E.MTE2_V)
+        sync(ctx, E.MTE2_V)
         ctx.cast(x, x16, RoundMode.CAST_NONE, hn * r)
         bar(ctx)
         _rope(ctx, x, x, xs, csb, sw, r, hn)
@@ -304,12 +320,12 @@ def mla_q_rope_kernel(ctx, q, q_lat, cs, swap, out, plan: QRopePlan):
             ctx.cast(o16[lat:], x, RoundMode.CAST_RINT, r, hn,
                      UnaryRepeatParams(dst_rep_stride=row // FRAC, src_rep_stride=r // BLOCK))
             ctx.set_flag(E.V_MTE2, 0)
-            _sync(ctx, E.V_MTE3)
+            sync(ctx, E.V_MTE3)
             ctx.data_copy(o_flat[(tok * hd + h0) * row:], o16, hn * row)
         else:
             ctx.cast(x16, x, RoundMode.CAST_RINT, hn * r)
             ctx.set_flag(E.V_MTE2, 0)
-            _sync(ctx, E.V_MTE3)
+            sync(ctx, E.V_MTE3)
             ctx.data_copy(o_flat[base + d:], x16, DataCopyParams(block_count=hn, block_len=r // FRAC,
                                                                  dst_stride=d // FRAC))
         ctx.set_flag(E.MTE3_MTE2, 0)
@@ -333,7 +349,7 @@ class GatherPlan:
 
 def plan_kv_gather(spec, slots, kv_dim: int, pe_dim: int, block_size: int) -> GatherPlan:
     """Runs of consecutive slots inside one cache block, cut at `chunk` tokens (UB room), spread over the AIVs."""
-    chunk = int(max(FRAC, min(block_size, (64 * 1024) // (2 * (kv_dim + pe_dim)) // FRAC * FRAC)))
+    chunk = int(max(FRAC, min(block_size, (spec.ub_bytes // 3) // (2 * (kv_dim + pe_dim)) // FRAC * FRAC)))
     slots = np.asarray(slots, np.int64)
     runs, i = [], 0
     while i < len(slots):
@@ -343,7 +359,7 @@ def plan_kv_gather(spec, slots, kv_dim: int, pe_dim: int, block_size: int) -> Ga
         b, off = divmod(int(slots[i]), block_size)
         runs.append((i, b * block_size * kv_dim + off * FRAC, b * block_size * pe_dim + off * FRAC, j - i))
         i = j
-    cores = tuple(tuple(runs[a:b]) for a, b in _split(len(runs), spec.aiv_per_die))
+    cores = tuple(tuple(runs[a:b]) for a, b in split_items(len(runs), spec.aiv_per_die))
     return GatherPlan(kv_dim, pe_dim, block_size, chunk, cores)
 
 
@@ -365,7 +381,7 @@ def mla_kv_gather_kernel(ctx, c_kv, k_pe, c_out, p_out, plan: GatherPlan):
             for s in range(dim // FRAC):
                 ctx.data_copy(dst[s * FRAC:], src[off + s * bs * FRAC:],
                               DataCopyParams(block_count=n, block_len=1, dst_stride=dim // FRAC - 1))
-        _sync(ctx, E.MTE2_MTE3)
+        sync(ctx, E.MTE2_MTE3)
         ctx.data_copy(co[row * c:], cu, n * c)
         ctx.data_copy(po[row * r:], pu, n * r)
         ctx.set_flag(E.MTE3_MTE2, 0)
@@ -459,7 +475,7 @@ def copy_cols_kernel(ctx, dst, src, plan: ColsPlan):
             ctx.wait_flag(E.MTE3_MTE2, 0)
         ctx.data_copy(ub, sf[r0 * plan.src_cols + plan.src_c0:],
                       DataCopyParams(block_count=rn, block_len=n // FRAC, src_stride=(plan.src_cols - n) // FRAC))
-        _sync(ctx, E.MTE2_MTE3)
+        sync(ctx, E.MTE2_MTE3)
         ctx.data_copy(df[r0 * plan.dst_cols + plan.dst_c0:], ub,
                       DataCopyParams(block_count=rn, block_len=n // FRAC, dst_stride=(plan.dst_cols - n) // FRAC))
         ctx.set_flag(E.MTE3_MTE2, 0)
@@ -471,9 +487,9 @@ def copy_cols_kernel(ctx, dst, src, plan: ColsPlan):
 def copy_cols(die, dst: GlobalTensor, src: GlobalTensor, src_c0: int, n: int, dst_c0: int = 0) -> None:
     """dst[:, dst_c0:dst_c0+n] = src[:, src_c0:src_c0+n] (2-D bf16 GlobalTensors, columns multiples of 16)."""
     rows = int(src.shape[0])
-    chunk = int(max(1, min(4095, (64 * 1024) // (2 * n))))
+    chunk = int(max(1, min(4095, (die.spec.ub_bytes // 3) // (2 * n))))  # a third of the UB; u12 block count
     cores = []
-    for a, b in _split(rows, die.spec.aiv_per_die):
+    for a, b in split_items(rows, die.spec.aiv_per_die):
         cores.append(tuple((r, min(chunk, b - r)) for r in range(a, b, chunk)))
     plan = ColsPlan(int(src.shape[1]), src_c0, int(dst.shape[1]), dst_c0, n, chunk, tuple(cores))
     if cores:
@@ -501,16 +517,24 @@ def mla_prolog(die, hidden, weights: MLAWeights, cache: MLACache, positions, slo
     queries (see PrologOutput). The sequence of launches is the module docstring's. Callers normally use
     mla_prefill / mla_decode, which reserve the slots."""
     c = weights.config
+    why = can_implement(c)
+    if why:
+        raise ValueError(f"mla_prolog: {why}")
+    if not isinstance(hidden, GlobalTensor) or hidden.gm is not die.gm:
+        raise TypeError(f"mla_prolog: hidden must be a GlobalTensor of this die's GM, got {type(hidden).__name__}")
     t = int(hidden.shape[0])
     positions = np.asarray(positions, np.int64)
+    if positions.shape != (t,) or np.shape(slots) != (t,):
+        raise ValueError(f"mla_prolog: positions {positions.shape} and slots {np.shape(slots)} must have one entry "
+                         f"per token of hidden ({t})")
     cs_host = rope_tables(c, positions)
-    cs = die.gm.from_numpy(cs_host)
-    sw = die.gm.from_numpy(swap_offsets(max(c.qk_rope_head_dim, _q_plan(die, c, t, absorb).head_chunk *
-                                            c.qk_rope_head_dim)))
     tmp = []
-    q = out = None
+    q = out = cs = sw = None
     try:
-        # 1-3: the down-projection (one GEMM over [W_DQ; W_DKV; W_KR]), the norms, RoPE of k_pe and the cache write
+        cs = die.gm.from_numpy(cs_host)
+        sw = die.gm.from_numpy(swap_offsets(max(c.qk_rope_head_dim, _q_plan(die, c, t, absorb).head_chunk *
+                                                c.qk_rope_head_dim)))
+        # 1-2: the down-projection (one GEMM over [W_DQ; W_DKV; W_KR]), the norms, RoPE of k_pe and the cache write
         h, d, r, qd = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.q_lora_rank or 0
         if qd:
             a = linear(die, hidden, weights, "q_kv_a_proj", int8)
@@ -527,10 +551,10 @@ def mla_prolog(die, hidden, weights: MLAWeights, cache: MLACache, positions, slo
             die.launch(mla_kv_cache_kernel, block_dim=len(plan.cores),
                        args=(a, q_norm_w, die_weight(die, weights.kv_a_layernorm, tmp), cs, sw, cq,
                              cache.c_kv.flatten(), cache.k_pe.flatten(), plan))
-        # 4: the q up-projection
+        # 3: the q up-projection
         if qd:
             q = linear(die, cq, weights, "q_b_proj", int8)
-        # 5: RoPE of q_pe (and q_lat = q_nope · W_UK, concatenated)
+        # 4: RoPE of q_pe (and q_lat = q_nope · W_UK, concatenated)
         q = q.reshape((t, h, d + r))
         qp = _q_plan(die, c, t, absorb)
         if absorb:

@@ -34,7 +34,8 @@ from ascendemu.layouts import nd_to_nz
 
 from .config import MLAConfig
 
-__all__ = ["MLAWeights", "Int8Weight", "random_state_dict", "hf_names", "NZ_OF", "INT8_PROJECTIONS"]
+__all__ = ["MLAWeights", "Int8Weight", "random_state_dict", "hf_names", "expected_shapes", "NZ_OF",
+           "INT8_PROJECTIONS"]
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
@@ -67,7 +68,7 @@ class Int8Weight:
     packed: object         # ascendemu.ops.int8_gemm.PackedWeight: Nz of q, C0 = 32 (what int8_gemm reads)
 
 
-def _expected_shapes(c: MLAConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(c: MLAConfig) -> dict[str, tuple[int, ...]]:
     """Attribute name -> expected shape (§3, generalised to the config)."""
     h, qk = c.num_heads, c.qk_head_dim
     shapes = {
@@ -87,7 +88,7 @@ def _expected_shapes(c: MLAConfig) -> dict[str, tuple[int, ...]]:
 def hf_names(layer: int, config: MLAConfig) -> dict[str, str]:
     """Attribute name -> HF state-dict key for the tensors this config needs (input_layernorm is optional)."""
     pre = f"model.layers.{layer}."
-    names = {k: f"{pre}self_attn.{k}.weight" for k in _expected_shapes(config)}
+    names = {k: f"{pre}self_attn.{k}.weight" for k in expected_shapes(config)}
     names["input_layernorm"] = f"{pre}input_layernorm.weight"
     return names
 
@@ -175,7 +176,7 @@ class MLAWeights:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or layer < 0:
             raise ValueError(f"MLAWeights.from_hf: layer must be a non-negative integer, got {layer!r}")
         names = hf_names(layer, config)
-        shapes = _expected_shapes(config)
+        shapes = expected_shapes(config)
         pre = f"model.layers.{layer}.self_attn."
         other_q = ("q_a_proj", "q_b_proj") if config.q_lora_rank is None else ("q_proj",)
         for k in other_q:
@@ -231,7 +232,7 @@ def random_state_dict(config: MLAConfig, layer: int = 0, seed: int = 0, dtype=np
     rng = np.random.default_rng(seed)
     out = {}
     for attr, key in hf_names(layer, config).items():
-        shape = (config.hidden_size,) if attr == "input_layernorm" else _expected_shapes(config)[attr]
+        shape = (config.hidden_size,) if attr == "input_layernorm" else expected_shapes(config)[attr]
         if len(shape) == 1:
             w = 1.0 + 0.1 * rng.standard_normal(shape)
         else:
