@@ -226,6 +226,36 @@ def _index(shape: tuple, key, where: str):
     partially-indexed one must be narrowed to one element (an int, or a slice of length 1).
     `t[1:3]`, `t[2, 4:8]` and `t[0:1, 4:8]` are views; `t[:, 0]` and `t[:, 1:3]` are not.
     """
+    if type(key) is not tuple:
+        key = (key,)
+    nk = len(key)
+    if 0 < nk <= len(shape) and all(type(k) is int for k in key[:-1]):
+        # fast path, the commonest views: ints, then an int or a non-negative step-1 slice, then whole axes
+        # (`t[i]`, `t[i, j]`, `t[i, a:b]`) — always one contiguous run
+        last, n = key[-1], shape[nk - 1]
+        if type(last) is int:
+            start, count = None, None
+        elif type(last) is slice and last.step is None and \
+                (last.start is None or type(last.start) is int and 0 <= last.start <= n) and \
+                (last.stop is None or type(last.stop) is int and 0 <= last.stop <= n):
+            start = 0 if last.start is None else last.start
+            count = max(0, (n if last.stop is None else last.stop) - start)
+        else:
+            nk = 0  # anything else: the general path below
+        off = 0
+        for ax in range(nk - 1):
+            i, m = key[ax], shape[ax]
+            if not -m <= i < m:
+                raise BoundsError(f"index {i} is out of bounds for axis {ax} with length {m}", where=where)
+            off = off * m + i % m
+        if nk:
+            if count is None:
+                if not -n <= last < n:
+                    raise BoundsError(f"index {last} is out of bounds for axis {nk - 1} with length {n}",
+                                      where=where)
+                start = last % n
+            rest = shape[nk:]
+            return (off * n + start) * math.prod(rest), rest if count is None else (count,) + rest
     if not isinstance(key, tuple):
         key = (key,)
     if len(key) > len(shape):

@@ -31,6 +31,10 @@ from .tpipe import TPipe
 from .vector import VectorInstructions
 
 
+_PIPE_S = int(Pipe.PIPE_S)
+_BARRIER_NAMES = {p: f"pipe_barrier {p.short}" for p in Pipe}
+
+
 class CoreStats:
     """What a core did: busy cycles per pipe, bytes per data path, cube ops, trace events."""
 
@@ -104,7 +108,6 @@ class Core:
         if pipe not in self.pipes:
             raise EmulatorError(f"{name} runs on {pipe.name}, which an {self.kind.upper()} does not have",
                                 where=self.label)
-        line = caller_line()
         p = int(pipe)
         env = self.env
         if (gm is not None or xfer is not None) and env is not None:
@@ -113,7 +116,7 @@ class Core:
         q = self.queues[p]
         if len(q) == q.maxlen and q[0] > t:  # queue full: the scalar stalls until the oldest entry starts
             t = q[0]
-        if p == Pipe.PIPE_S:
+        if p == _PIPE_S:
             start = max(t, not_before)
             self.scalar_t = start + cycles
         else:
@@ -138,6 +141,7 @@ class Core:
         if self.checks.trace:
             st.events.append((p, start, cycles, name))
         if self.race is not None:
+            line = caller_line()  # only the race checker's reports need the kernel line
             stamp = self.race.tick(p)
             for buf, lo, hi in reads:
                 self.race.access(buf, lo, hi, False, p, stamp, name, line)
@@ -330,7 +334,7 @@ class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, Fixpipe
             if core.race:
                 core.race.barrier_all()
         else:
-            core.issue(f"pipe_barrier {pipe.short}", pipe, 0)
+            core.issue(_BARRIER_NAMES[pipe], pipe, 0)
 
     # --- scalar access to local memory (PIPE_S) ----------------------------------------------
     def get_value(self, tensor: LocalTensor, index: int):

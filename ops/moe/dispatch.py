@@ -43,7 +43,8 @@ own routing how many dies hold its copies and waits for that many flags, then pe
     out = bf16( Σ_{k in top-k order} fp32(w_k · fp32(row_k))  +  fp32(shared) )       fp32 accumulation, RINT to bf16
 
 where `shared` is the remote shared row (weight 1.0) or `shared_out[t]` when given. Each product and each partial sum
-is rounded to fp32 in that order (Muls, Add), so `combine_reference` is bit-exact.
+is rounded to fp32 in that order (Muls, Add), so `combine_reference` is bit-exact. Per column chunk: one Cast
+of all K' rows to fp32, k independent Muls (one PipeBarrier after them, not one per row), then the dependent Adds.
 
 SDMA transport (`transport="sdma"`): the same kernels with bulk copies. Dispatch packs each message into a local send
 buffer laid out like the destination windows (DataCopy UB→GM), SyncAll, then AIV b issues one `sdma_copy` per
@@ -438,13 +439,14 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
     cw = cfg["chunk"]
     pipe = ctx.tpipe()
     in_q = TQue(TPosition.VECIN, 1)
-    pipe.init_buffer(in_q, 2, 2 * kk * cw)
+    pipe.init_buffer(in_q, 1, 2 * kk * cw)
     sh_q = TQue(TPosition.VECIN, 1)
     pipe.init_buffer(sh_q, 2, 2 * cw)
     out_q = TQue(TPosition.VECOUT, 1)
     pipe.init_buffer(out_q, 2, 2 * cw)
     acc = calc_buffer(pipe, 4 * cw)
-    tmp = calc_buffer(pipe, 4 * cw)
+    prod = calc_buffer(pipe, 4 * kk * cw)  # the token's K' rows in fp32, weighted in place
+    tmp = calc_buffer(pipe, 4 * cw)  # the shared_out row in fp32
     mine = comb[me]
     for t in range(b * plan.tokens // nb, (b + 1) * plan.tokens // nb):
         for c0 in range(0, h, cw):
@@ -465,16 +467,18 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
                 ctx.data_copy(sh, shared_out[t, c0:c0 + w_], w_)
                 sh_q.enque(sh)
             rows_in = in_q.deque()
-            for col in range(kk):
-                ctx.cast(tmp, rows_in[col * w_:(col + 1) * w_], RoundMode.CAST_NONE, w_)
-                bar(ctx)
-                if col < k:
-                    ctx.muls(acc if col == 0 else tmp, tmp, float(weights[t, col]), w_)
-                    bar(ctx)
-                if col:
-                    ctx.add(acc, acc, tmp, w_)
-                    bar(ctx)
+            # the K' rows to fp32 in one Cast; the k weights by independent Muls (no barrier between them); then
+            # the sum in top-k order, each Add depending on the previous one
+            ctx.cast(prod, rows_in, RoundMode.CAST_NONE, kk * w_)
             in_q.free_tensor(rows_in)
+            bar(ctx)
+            for col in range(k):
+                row = prod[col * w_:(col + 1) * w_]
+                ctx.muls(acc if col == 0 else row, row, float(weights[t, col]), w_)
+            bar(ctx)
+            for col in range(1, kk):
+                ctx.add(acc, acc, prod[col * w_:(col + 1) * w_], w_)
+                bar(ctx)
             if shared_out is not None:
                 sh = sh_q.deque()
                 ctx.cast(tmp, sh, RoundMode.CAST_NONE, w_)
@@ -622,7 +626,9 @@ def fused_combine(cluster, expert_out, handle: DispatchHandle, shared_out=None, 
     nb = spec.aiv_per_die if block_dim is None else int(block_dim)
     if not 1 <= nb <= spec.aiv_per_die:
         raise ValueError(f"{op}: block_dim must be in 1..{spec.aiv_per_die}, got {block_dim!r}")
-    per_col = 2 * 2 * kk + 2 * 2 + 2 * 2 + 8  # UB bytes per column: K' rows in, shared in, out (×2), acc, tmp
+    # UB bytes per column: K' bf16 rows in (one buffer: freed by the Cast, so the next load overlaps the Muls and
+    # Adds), shared in and out (two buffers each), acc, the K' rows in fp32, tmp
+    per_col = 2 * kk + 2 * 2 + 2 * 2 + 4 + 4 * kk + 4
     if chunk is None:
         chunk = min(h, UB_BUDGET // per_col // 64 * 64)
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or \
