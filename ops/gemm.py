@@ -469,6 +469,15 @@ def bf16_gemm_kernel(ctx, a, weights, y, plan):
     aic_gemm_body(ctx, a, weights, y, None, plan)
 
 
+def _free_events(stages: int, resident_chunks: int, c_slots: int) -> list:
+    """The AIC's "buffer free" events, in the order they are set at the start and drained at the end: the L1 A
+    stages, the resident B chunks, the L0A/L0B ping-pong and the L0C slots."""
+    return ([(HardEvent.MTE1_MTE2, s) for s in range(stages)]
+            + [(HardEvent.MTE1_MTE2, B_ID + j) for j in range(resident_chunks)]
+            + [(HardEvent.M_MTE1, p) for p in range(2)]
+            + [(HardEvent.FIX_M, q) for q in range(c_slots)])
+
+
 def aic_gemm_body(ctx, a, weights, y, work, plan):
     """The AIC side of every GEMM here (see the module docstring); `work`: the int8 GEMM's int32 workspace ring
     (plan.dequant), whose tiles are handed to the AIVs with cross-core flags READY / FREE."""
@@ -501,15 +510,9 @@ def aic_gemm_body(ctx, a, weights, y, work, plan):
     l1_a_dst = [x.reinterpret_cast("float32") for x in l1_a] if pair == 2 else l1_a
 
     # Every "buffer free" flag starts set; the end drains them (CATLASS style: every set has its wait).
-    for s in range(stages):
-        ctx.set_flag(HardEvent.MTE1_MTE2, s)
-    if resident:
-        for j in range(nk):
-            ctx.set_flag(HardEvent.MTE1_MTE2, B_ID + j)
-    for p in range(2):
-        ctx.set_flag(HardEvent.M_MTE1, p)
-    for q in range(c_slots):
-        ctx.set_flag(HardEvent.FIX_M, q)
+    free_events = _free_events(stages, nk if resident else 0, c_slots)
+    for event, eid in free_events:
+        ctx.set_flag(event, eid)
 
     ia = il0 = 0
     for idx, (row0, mm, n0, nn, g) in enumerate(items):
@@ -587,15 +590,8 @@ def aic_gemm_body(ctx, a, weights, y, work, plan):
             ctx.cross_core_set_flag(2, ascendemu.PIPE_FIX, READY)
         ctx.set_flag(HardEvent.FIX_M, q)
 
-    for s in range(stages):
-        ctx.wait_flag(HardEvent.MTE1_MTE2, s)
-    if resident:
-        for j in range(nk):
-            ctx.wait_flag(HardEvent.MTE1_MTE2, B_ID + j)
-    for p in range(2):
-        ctx.wait_flag(HardEvent.M_MTE1, p)
-    for q in range(c_slots):
-        ctx.wait_flag(HardEvent.FIX_M, q)
+    for event, eid in free_events:
+        ctx.wait_flag(event, eid)
     if plan.dequant:
         for _ in range(min(WS_SLOTS, len(items))):
             ctx.cross_core_wait_flag(FREE)  # the last tiles' slots: no cross-core counter is left over
