@@ -116,6 +116,20 @@ class _DiePlan:
     home_rows: dict = field(default_factory=dict)  # home die → row indices (received order) going there
 
 
+def _check_bf16(op: str, label: str, a, die) -> None:
+    """a per-die activation: a numpy array or a GlobalTensor of `die`'s GM, bfloat16."""
+    if not isinstance(a, (np.ndarray, GlobalTensor)):
+        raise TypeError(f"{op}: {label} must be a numpy array or a GlobalTensor, got {type(a).__name__}")
+    if isinstance(a, GlobalTensor) and a.gm is not die.gm:
+        raise ValueError(f"{op}: {label} is a GlobalTensor of another die's GM")
+    try:
+        dt = dtype_name(as_dtype(a.dtype))
+    except TypeError:
+        dt = str(a.dtype)
+    if dt != "bfloat16":
+        raise TypeError(f"{op}: {label} is {dt}; it must be bfloat16")
+
+
 def _check_inputs(op, cluster, x, topk_ids, topk_weights, placement, max_tokens):
     n = len(cluster)
     if not isinstance(placement, ExpertPlacement):
@@ -132,18 +146,9 @@ def _check_inputs(op, cluster, x, topk_ids, topk_weights, placement, max_tokens)
     ids_out, w_out = [], []
     for d in range(n):
         xd = x[d]
-        if not isinstance(xd, (np.ndarray, GlobalTensor)):
-            raise TypeError(f"{op}: x[{d}] must be a numpy array or a GlobalTensor, got {type(xd).__name__}")
-        if isinstance(xd, GlobalTensor) and xd.gm is not cluster.dies[d].gm:
-            raise ValueError(f"{op}: x[{d}] is a GlobalTensor of another die's GM")
+        _check_bf16(op, f"x[{d}]", xd, cluster.dies[d])
         if len(xd.shape) != 2:
             raise ValueError(f"{op}: x[{d}] must be 2-D [T, H], got shape {tuple(xd.shape)}")
-        try:
-            dt = dtype_name(as_dtype(xd.dtype))
-        except TypeError:
-            dt = str(xd.dtype)
-        if dt != "bfloat16":
-            raise TypeError(f"{op}: x[{d}] is {dt}; it must be bfloat16")
         t, h = xd.shape
         hidden = h if hidden is None else hidden
         if h != hidden:
@@ -645,19 +650,10 @@ def fused_combine(cluster, expert_out, handle: DispatchHandle, shared_out=None, 
     staged = []
 
     def put(d, a, rows, name):
-        if not isinstance(a, (np.ndarray, GlobalTensor)):
-            raise TypeError(f"{op}: {name}[{d}] must be a numpy array or a GlobalTensor, got {type(a).__name__}")
+        _check_bf16(op, f"{name}[{d}]", a, dies[d])
         if tuple(a.shape) != (rows, h):
             raise ValueError(f"{op}: {name}[{d}] must be [{rows}, {h}], got {tuple(a.shape)}")
-        try:
-            dt = dtype_name(as_dtype(a.dtype))
-        except TypeError:
-            dt = str(a.dtype)
-        if dt != "bfloat16":
-            raise TypeError(f"{op}: {name}[{d}] is {dt}; it must be bfloat16")
         if isinstance(a, GlobalTensor):
-            if a.gm is not dies[d].gm:
-                raise ValueError(f"{op}: {name}[{d}] is a GlobalTensor of another die's GM")
             return a
         g = dies[d].gm.from_numpy(np.ascontiguousarray(a)) if rows else dies[d].gm.empty((1, h), "bfloat16")
         staged.append((d, g))
