@@ -325,28 +325,25 @@ class AicState:
         self.il0 = self.ic = self.gt = 0
 
 
+def _aic_free_events(slots: int) -> list:
+    """The attention AIC's "buffer free" events, in set (and drain) order: MTE1_MTE2 for the `slots` K/V tile slots
+    (ID_SLOT + s), Q (ID_Q) and P (ID_P); M_MTE1 and FIX_M for both halves of the L0A/L0B and L0C ping-pong."""
+    return ([(HardEvent.MTE1_MTE2, ID_SLOT + s) for s in range(slots)]
+            + [(HardEvent.MTE1_MTE2, ID_Q), (HardEvent.MTE1_MTE2, ID_P)]
+            + [(event, p) for p in range(2) for event in (HardEvent.M_MTE1, HardEvent.FIX_M)])
+
+
 def aic_events_free(ctx, slots: int) -> None:
     """At the start of an attention AIC body, every "buffer free" event set once (CATLASS style: each set has its
-    wait): MTE1_MTE2 for Q (ID_Q), P (ID_P) and the `slots` K/V tile slots (ID_SLOT + s); M_MTE1 and FIX_M for both
-    halves of the L0A/L0B and L0C ping-pong."""
-    for s in range(slots):
-        ctx.set_flag(HardEvent.MTE1_MTE2, ID_SLOT + s)
-    ctx.set_flag(HardEvent.MTE1_MTE2, ID_Q)
-    ctx.set_flag(HardEvent.MTE1_MTE2, ID_P)
-    for p in range(2):
-        ctx.set_flag(HardEvent.M_MTE1, p)
-        ctx.set_flag(HardEvent.FIX_M, p)
+    wait)."""
+    for event, eid in _aic_free_events(slots):
+        ctx.set_flag(event, eid)
 
 
 def aic_events_drain(ctx, slots: int) -> None:
     """At the end of an attention AIC body, the waits matching `aic_events_free`: no event is left set."""
-    for s in range(slots):
-        ctx.wait_flag(HardEvent.MTE1_MTE2, ID_SLOT + s)
-    ctx.wait_flag(HardEvent.MTE1_MTE2, ID_Q)
-    ctx.wait_flag(HardEvent.MTE1_MTE2, ID_P)
-    for p in range(2):
-        ctx.wait_flag(HardEvent.M_MTE1, p)
-        ctx.wait_flag(HardEvent.FIX_M, p)
+    for event, eid in _aic_free_events(slots):
+        ctx.wait_flag(event, eid)
 
 def qk_scores(ctx, st: AicState, l0a, l0b, l0c, q_chunks, kchunks, k_l1, n1: int, m: int, m1: int, n: int, dst,
               pitch: int) -> None:
