@@ -64,6 +64,8 @@ from ascendemu import (DataCopyParams, FixpipeParamsV220, GlobalTensor, HardEven
 from ascendemu.layouts import ceil_div, nd_to_nz, nz_to_nd, round_up
 from ascendemu.numerics import as_dtype, dtype_name
 
+from .rowwise import Staging
+
 FRAC = 16  # rows of a fractal
 BLOCK = 32  # bytes of one fractal row (C0 · element size)
 FRACTAL_BYTES = 512
@@ -700,45 +702,13 @@ def batched_bf16_gemm_reference(a, w_heads, out_dtype: str = "bfloat16", *, k_st
 
 
 def _launch_bf16(die, a, weights, out_shape, plan, fn):
-    """Stage numpy operands, launch bf16_gemm_kernel on every AIC, free what was staged; the return convention
-    of int8_gemm (numpy when every operand was numpy on a functional die, else the GlobalTensor y)."""
-    arrays = [a] + [w.data for w in weights]
-    staged = []
-
-    def stage(x):
-        g = die.gm.from_numpy(np.ascontiguousarray(x))
-        staged.append(g)
-        return g
-
-    y = None
-    try:
-        ga = a if isinstance(a, GlobalTensor) else stage(a)
-        datas = [w.data for w in weights]
-        if len(datas) > 1 and all(isinstance(d, np.ndarray) for d in datas):
-            stack = stage(np.stack(datas))  # host heads (one shape: checked): one upload, a view per head
-            gw = [stack[h] for h in range(len(datas))]
-        else:
-            gw = [d if isinstance(d, GlobalTensor) else stage(d) for d in datas]
-        y = die.gm.empty(out_shape, plan.out_dtype)
-        die.launch(bf16_gemm_kernel, block_dim=die.spec.aic_per_die, args=(ga, gw, y, plan))
-    except BaseException:
-        if y is not None:
-            die.gm.free(y)
-        raise
-    finally:
-        for g in staged:
-            die.gm.free(g)
-    return host_result(die, y, arrays)
-
-
-def host_result(die, y, arrays):
-    """The GEMMs' return convention: y as a numpy array (and y freed) when every operand in `arrays` was a numpy
-    array and the die is functional, else the GlobalTensor y (the caller frees it)."""
-    if die.functional and all(isinstance(x, np.ndarray) for x in arrays):
-        host = y.numpy()
-        die.gm.free(y)
-        return host
-    return y
+    """Launch bf16_gemm_kernel on every AIC with the host staging of ops/rowwise.Staging: y as a numpy array when
+    a and every weight's data were numpy arrays on a functional die, else the GlobalTensor y."""
+    with Staging(die, fn) as st:
+        ga = st.put(a, "a")
+        gw = st.put_stack([w.data for w in weights], "weights")  # host heads (one shape): one upload, a view each
+        y = st.output(out_shape, plan.out_dtype)
+        return st.launch(bf16_gemm_kernel, die.spec.aic_per_die, (ga, gw, y, plan))[0]
 
 
 def _check_a(die, a, ndim: int, fn: str) -> tuple:

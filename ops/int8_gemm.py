@@ -47,8 +47,9 @@ from ascendemu.layouts import ceil_div, round_up
 from ascendemu.numerics import as_dtype
 
 from .gemm import (C0, FRAC, FREE, READY, U16_MAX, WS_SLOTS, GemmPlan, GemmTiles,  # noqa: F401 (re-exported)
-                   PackedWeight, aic_gemm_body, check_array, check_die, check_out_dtype, check_weight, host_result,
+                   PackedWeight, aic_gemm_body, check_array, check_die, check_out_dtype, check_weight,
                    pack_weight, packed_shape, plan_gemm, unpack_weight)
+from .rowwise import Staging
 
 OUT_DTYPES = ("bfloat16", "int32")
 W_ID = 2  # AIV: MTE2_V / V_MTE2 ids 2, 3 for the w_scale row of an item (0, 1: the chunk ring)
@@ -264,35 +265,15 @@ def _run(die, a_q, a_scale, group_sizes, weights, w_scales, out_dtype, tiles, fn
                          f"DataCopyParams.srcStride are uint16)")
 
     plan = plan_int8_gemm(die.spec, group_sizes, n, k, out_dtype=out_dtype, tiles=tiles, fn=fn)
-    arrays = [a_q, a_scale] + [w.data for w in weights] + list(w_scales)
-    staged = []
-
-    def gm_of(x):
-        if isinstance(x, np.ndarray):
-            g = die.gm.from_numpy(x)
-            staged.append(g)
-            return g
-        return x
-
-    y = None
-    try:
-        ga, gs = gm_of(a_q), gm_of(a_scale)
-        gw = [gm_of(w.data) for w in weights]
-        gws = [gm_of(s) for s in w_scales]
-        y = die.gm.empty((m, n), "int32" if plan.int32_out else "bfloat16")
+    with Staging(die, fn) as st:
+        ga, gs = st.put(a_q, "a_q"), st.put(a_scale, "a_scale")
+        gw = [st.put(w.data, f"w_packed_list[{i}]" if grouped else "w_packed") for i, w in enumerate(weights)]
+        gws = [st.put(s, f"w_scale_list[{i}]" if grouped else "w_scale") for i, s in enumerate(w_scales)]
+        y = st.output((m, n), "int32" if plan.int32_out else "bfloat16")
         work = None
         if not plan.int32_out:
-            work = die.gm.empty((die.spec.aic_per_die * WS_SLOTS * plan.tiles.m * plan.tiles.n,), "int32")
-            staged.append(work)
-        die.launch(int8_gemm_kernel, block_dim=die.spec.aic_per_die, args=(ga, gs, gw, gws, y, work, plan))
-    except BaseException:
-        if y is not None:
-            die.gm.free(y)
-        raise
-    finally:
-        for g in staged:
-            die.gm.free(g)
-    return host_result(die, y, arrays)
+            work = st.workspace((die.spec.aic_per_die * WS_SLOTS * plan.tiles.m * plan.tiles.n,), "int32")
+        return st.launch(int8_gemm_kernel, die.spec.aic_per_die, (ga, gs, gw, gws, y, work, plan))[0]
 
 
 def int8_gemm(die, a_q, a_scale, w_packed, w_scale, out_dtype="bfloat16", *, tiles: GemmTiles | None = None):

@@ -196,17 +196,13 @@ def _norm(die, op, x, residual, weight, eps, tiling):
     if isinstance(tiling, RowTiling) and tiling.chunk is None:
         tiling = dataclasses.replace(tiling, chunk=NORM_CHUNK)
     plan = plan_rows(op, die.spec, m, h, tiling, _layout(as_dtype(dt).itemsize, residual is not None))
-    st = Staging(die, op)
-    gx = st.put(x, "x")
-    gr = st.put(residual, "residual") if residual is not None else None
-    gw = st.put(weight, "weight")
-    y = die.gm.empty((m, h), dt)
-    outs = (y,)
-    nr = None
-    if residual is not None:
-        nr = die.gm.empty((m, h), dt)
-        outs = (y, nr)
-    res = st.launch(rmsnorm_kernel, min(die.spec.aiv_per_die, m), (gx, gr, gw, y, nr, float(eps), plan), outs)
+    with Staging(die, op) as st:
+        gx = st.put(x, "x")
+        gr = st.put(residual, "residual") if residual is not None else None
+        gw = st.put(weight, "weight")
+        y = st.output((m, h), dt)
+        nr = st.output((m, h), dt) if residual is not None else None
+        res = st.launch(rmsnorm_kernel, min(die.spec.aiv_per_die, m), (gx, gr, gw, y, nr, float(eps), plan))
     return res if residual is not None else res[0]
 
 

@@ -161,11 +161,10 @@ def quantize_per_token(die, x, *, tiling: RowTiling | None = None):
     check_2d(op, "x", x, IN_DTYPES)
     m, k = x.shape
     plan = plan_rows(op, die.spec, m, k, tiling, _layout(as_dtype(x.dtype).itemsize))
-    st = Staging(die, op)
-    gx = st.put(x, "x")
-    q = die.gm.empty((m, k), "int8")
-    scale = die.gm.empty((m,), "float32")
-    return st.launch(quantize_per_token_kernel, min(die.spec.aiv_per_die, m), (gx, q, scale, plan), (q, scale))
+    with Staging(die, op) as st:
+        gx = st.put(x, "x")
+        q, scale = st.output((m, k), "int8"), st.output((m,), "float32")
+        return st.launch(quantize_per_token_kernel, min(die.spec.aiv_per_die, m), (gx, q, scale, plan))
 
 
 def quantize_rows_reference(v: np.ndarray):

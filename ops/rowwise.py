@@ -391,39 +391,93 @@ def check_dtype(op: str, name: str, x, dtypes) -> str:
 
 
 class Staging:
-    """Host arrays staged into a die's GM for one launch, and the outputs handed back.
+    """The host side of one launch on one die (Ascend C's aclrtMalloc + aclrtMemcpy H2D, the launch, aclrtMemcpy
+    D2H + aclrtFree), shared by every single-die op:
 
-    The outputs come back as numpy arrays when every array argument was a numpy array and the die is
-    functional; otherwise as GlobalTensors (phantoms on a timing-only die)."""
+        with Staging(die, op) as st:
+            gx = st.put(x, "x")                        # numpy → staged into GM; a GlobalTensor of die → as it is
+            gw = st.put_stack(datas, "w")              # numpy arrays of one shape and dtype → ONE upload, a view each
+            y = st.output((m, n), "bfloat16")          # the kernel's output
+            work = st.workspace((size,), "int32")      # GM scratch of this launch only
+            (y,) = st.launch(kernel, block_dim, (gx, gw, y, work))
+
+    What was staged and every workspace are freed when the launch ends, whether it succeeds or not. If anything
+    in the block raises before `launch` returns (a `put` out of GM, a check, the kernel), the outputs are freed
+    too: die.gm is left exactly as it was. `launch` returns the outputs in the order `output` made them: numpy
+    arrays (and the outputs freed) when every operand given to `put`/`put_stack` was a numpy array and the die is
+    functional, else the GlobalTensors (phantoms on a timing-only die), which the caller then owns.
+    """
 
     def __init__(self, die, op: str):
         self.die, self.op = die, op
-        self.staged = []
+        self.scratch = []  # staged operands and workspaces: freed when the launch ends
+        self.outputs = []  # freed unless `launch` hands them back
         self.all_host = True
+        self.entered = False
+
+    def __enter__(self) -> "Staging":
+        self.entered = True
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.release()
+        return False
+
+    def release(self) -> None:
+        """Free everything still held: the scratch, and the outputs not handed back by `launch`."""
+        for g in self.scratch + self.outputs:
+            self.die.gm.free(g)
+        self.scratch, self.outputs = [], []
+
+    def _hold(self, where: list, g: GlobalTensor) -> GlobalTensor:
+        where.append(g)
+        return g
+
+    def _check_entered(self) -> None:
+        if not self.entered:  # outside `with`, an error between two puts would leak what the first staged
+            raise RuntimeError(f"{self.op}: use Staging as `with Staging(die, op) as st:`, so that nothing staged "
+                               f"outlives an error")
 
     def put(self, x, name: str) -> GlobalTensor:
+        """x as a GlobalTensor of the die: a numpy array is copied into GM (freed after the launch)."""
+        self._check_entered()
         if isinstance(x, GlobalTensor):
             if x.gm is not self.die.gm:
                 raise ValueError(f"{self.op}: {name} is a GlobalTensor of another die's GM")
             self.all_host = False
             return x
-        g = self.die.gm.from_numpy(np.ascontiguousarray(x))
-        self.staged.append(g)
-        return g
+        return self._hold(self.scratch, self.die.gm.from_numpy(np.ascontiguousarray(x)))
 
-    def launch(self, kern, block_dim: int, args: tuple, outputs: tuple):
+    def put_stack(self, xs, name: str) -> list:
+        """Several operands as GlobalTensors. Two or more numpy arrays of one shape and dtype are staged as one
+        stacked array (one upload; each gets a view of it); anything else is `put` one by one."""
+        self._check_entered()
+        xs = list(xs)
+        if len(xs) > 1 and all(isinstance(x, np.ndarray) and x.shape == xs[0].shape and x.dtype == xs[0].dtype
+                               for x in xs):
+            stack = self._hold(self.scratch, self.die.gm.from_numpy(np.stack(xs)))
+            return [stack[i] for i in range(len(xs))]
+        return [self.put(x, f"{name}[{i}]") for i, x in enumerate(xs)]
+
+    def output(self, shape, dtype) -> GlobalTensor:
+        """A new GM tensor the kernel writes; `launch` returns it (freed if the launch fails)."""
+        self._check_entered()
+        return self._hold(self.outputs, self.die.gm.empty(shape, dtype))
+
+    def workspace(self, shape, dtype) -> GlobalTensor:
+        """A new GM tensor for this launch only (freed when it ends)."""
+        self._check_entered()
+        return self._hold(self.scratch, self.die.gm.empty(shape, dtype))
+
+    def launch(self, kern, block_dim: int, args: tuple) -> tuple:
+        """Run `kern` on `block_dim` blocks of the die; return the outputs (numpy or GlobalTensors: see above)."""
+        self._check_entered()
         try:
             self.die.launch(kern, block_dim=block_dim, args=args)
-        except BaseException:
-            for o in outputs:
-                self.die.gm.free(o)
-            raise
+            outs = tuple(self.outputs)
+            if self.all_host and self.die.functional:
+                return tuple(o.numpy() for o in outs)  # (the outputs are freed below)
+            self.outputs = []  # the caller owns them now
+            return outs
         finally:
-            for g in self.staged:
-                self.die.gm.free(g)
-        if self.all_host and self.die.functional:
-            host = tuple(o.numpy() for o in outputs)
-            for o in outputs:
-                self.die.gm.free(o)
-            return host
-        return outputs
+            self.release()

@@ -107,11 +107,10 @@ def swiglu_quant(die, gate_up, *, tiling: RowTiling | None = None):
         raise ValueError(f"swiglu_quant: gate_up has {two_i} columns; it must be [M, 2·I] (gate then up)")
     inter = two_i // 2
     plan = plan_rows(op, die.spec, m, inter, tiling, _layout(as_dtype(gate_up.dtype).itemsize))
-    st = Staging(die, op)
-    g = st.put(gate_up, "gate_up")
-    q = die.gm.empty((m, inter), "int8")
-    scale = die.gm.empty((m,), "float32")
-    return st.launch(swiglu_quant_kernel, min(die.spec.aiv_per_die, m), (g, q, scale, plan), (q, scale))
+    with Staging(die, op) as st:
+        g = st.put(gate_up, "gate_up")
+        q, scale = st.output((m, inter), "int8"), st.output((m,), "float32")
+        return st.launch(swiglu_quant_kernel, min(die.spec.aiv_per_die, m), (g, q, scale, plan))
 
 
 def swiglu_reference(gate_up) -> np.ndarray:

@@ -356,8 +356,7 @@ def moe_gate(die, x, gate_weight, correction_bias, config: MoEConfig):
     plan = plan_gate(die.spec, t, h, config)
     if t == 0:
         return np.zeros((0, k), np.int32), np.zeros((0, k), np.float32)
-    st = Staging(die, "moe_gate")
-    gx, gw, gb = st.put(x, "x"), st.put(gate_weight, "gate_weight"), st.put(correction_bias, "correction_bias")
-    ids = die.gm.empty((t, k), "int32")
-    wts = die.gm.empty((t, k), "float32")
-    return st.launch(moe_gate_kernel, min(t, die.spec.aiv_per_die), (gx, gw, gb, ids, wts, plan), (ids, wts))
+    with Staging(die, "moe_gate") as st:
+        gx, gw, gb = st.put(x, "x"), st.put(gate_weight, "gate_weight"), st.put(correction_bias, "correction_bias")
+        ids, wts = st.output((t, k), "int32"), st.output((t, k), "float32")
+        return st.launch(moe_gate_kernel, min(t, die.spec.aiv_per_die), (gx, gw, gb, ids, wts, plan))
