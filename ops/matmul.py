@@ -44,6 +44,8 @@ from ascendemu import (FixpipeParamsV220, GlobalTensor, HardEvent, LoadData2DPar
 from ascendemu.layouts import ceil_div
 from ascendemu.numerics import as_dtype, dtype_name
 
+from .rowwise import Staging
+
 IN_DTYPES = ("float16", "bfloat16")
 OUT_QUANT = {"float16": QuantMode.F322F16, "bfloat16": QuantMode.F322BF16, "float32": QuantMode.NoQuant}
 A_SLOTS, A_ID = 4, 0  # L1 ring of A k-step tiles: event ids 0..3
@@ -262,19 +264,9 @@ def matmul(die, a, b, *, out_dtype=None, tiles: MatmulTiles | None = None):
     if why:
         raise ValueError(f"matmul: {why}")
 
-    staged = [x for x in (a, b) if isinstance(x, np.ndarray)]
-    ga = die.gm.from_numpy(a) if isinstance(a, np.ndarray) else a
-    gb = die.gm.from_numpy(b) if isinstance(b, np.ndarray) else b
-    c = die.gm.empty((m, n), out)
-    try:
-        die.launch(matmul_kernel, block_dim=1, args=(ga, gb, c, m, n, k, tiles))
-    finally:
-        for x, g in ((a, ga), (b, gb)):
-            if isinstance(x, np.ndarray):
-                die.gm.free(g)
-    if len(staged) == 2 and die.functional:
-        host = c.numpy()
-        die.gm.free(c)
-        return host
+    with Staging(die, "matmul") as st:
+        ga, gb = st.put(a, "a"), st.put(b, "b")
+        c = st.output((m, n), out)
+        (c,) = st.launch(matmul_kernel, 1, (ga, gb, c, m, n, k, tiles))
     return c
 

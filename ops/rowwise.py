@@ -406,6 +406,10 @@ class Staging:
     too: die.gm is left exactly as it was. `launch` returns the outputs in the order `output` made them: numpy
     arrays (and the outputs freed) when every operand given to `put`/`put_stack` was a numpy array and the die is
     functional, else the GlobalTensors (phantoms on a timing-only die), which the caller then owns.
+
+    An op of several launches runs the earlier ones with `die.launch` inside the block (an error frees everything)
+    and ends with `launch`; `own` takes what other ops hand back (their GlobalTensors) as workspaces or outputs,
+    and `result` returns the outputs as `launch` would when the last launch was another op's.
     """
 
     def __init__(self, die, op: str):
@@ -469,11 +473,28 @@ class Staging:
         self._check_entered()
         return self._hold(self.scratch, self.die.gm.empty(shape, dtype))
 
+    def own(self, g: GlobalTensor, *, output: bool = False) -> GlobalTensor:
+        """Take a GlobalTensor of the die another op returned: freed like a workspace, or (output=True) handed
+        back like an `output`."""
+        self._check_entered()
+        if not isinstance(g, GlobalTensor) or g.gm is not self.die.gm:
+            raise ValueError(f"{self.op}: own takes a GlobalTensor of this die's GM, got {type(g).__name__}")
+        return self._hold(self.outputs if output else self.scratch, g)
+
     def launch(self, kern, block_dim: int, args: tuple) -> tuple:
         """Run `kern` on `block_dim` blocks of the die; return the outputs (numpy or GlobalTensors: see above)."""
         self._check_entered()
         try:
             self.die.launch(kern, block_dim=block_dim, args=args)
+        except BaseException:
+            self.release()
+            raise
+        return self.result()
+
+    def result(self) -> tuple:
+        """The outputs, as `launch` returns them; everything else is freed."""
+        self._check_entered()
+        try:
             outs = tuple(self.outputs)
             if self.all_host and self.die.functional:
                 return tuple(o.numpy() for o in outs)  # (the outputs are freed below)

@@ -1,6 +1,8 @@
 """ops/rowwise.Staging, the host staging of every single-die op: die.gm is left exactly as it was on any failure
-(GM full at any allocation, an error in the caller's block, a failed launch), and each op's return convention
-(numpy arrays when every array operand was numpy on a functional die, else GlobalTensors) is kept."""
+(GM full at any allocation, an error in the caller's block, a failed launch — any of them, for the ops of several
+launches), and each op's return convention (numpy arrays when every array operand was numpy on a functional die,
+else GlobalTensors) is kept. The MLA sublayer (mla_prefill / mla_decode: mla_prolog, gather_context, linear and
+mla_attention_decode inside) also gives back its cache reservation."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -11,6 +13,12 @@ import ascendemu
 from ascendemu import AllocationError, GlobalTensor
 from ascendemu.ops.gemm import PackedWeight, batched_bf16_gemm, bf16_gemm, pack_heads, pack_weight
 from ascendemu.ops.int8_gemm import grouped_int8_gemm, int8_gemm
+from ascendemu.ops.matmul import matmul
+from ascendemu.ops.mla.attention import mla_attention_decode
+from ascendemu.ops.mla.cache import MLACache
+from ascendemu.ops.mla.config import MLAConfig
+from ascendemu.ops.mla.layer import mla_decode, mla_prefill
+from ascendemu.ops.mla.weights import MLAWeights, random_state_dict
 from ascendemu.ops.moe.config import MoEConfig
 from ascendemu.ops.moe.gate import moe_gate
 from ascendemu.ops.norm import add_rmsnorm, rmsnorm
@@ -37,6 +45,12 @@ AQ = RNG.integers(-127, 128, (12, 64), dtype=np.int8)
 SA = RNG.random(12).astype(np.float32)
 WQ = pack_weight(RNG.integers(-127, 128, (32, 64), dtype=np.int8))
 SW = RNG.random(32).astype(np.float32)
+MA = RNG.standard_normal((20, 32)).astype(BF16)
+MB = RNG.standard_normal((32, 48)).astype(BF16)
+DQ = RNG.standard_normal((2, 2, 3, 96)).astype(BF16)  # B 2, s_q 2 (MTP), h_q 3, kv 64 + pe 32
+DECODE_LENS = {3: 20, 5: 9}  # seq id → tokens in the cache (blocks of 16: two sequences, two blocks + one)
+DECODE_KV = {s: (RNG.standard_normal((n, 64)).astype(BF16), RNG.standard_normal((n, 32)).astype(BF16))
+             for s, n in DECODE_LENS.items()}
 
 
 class Put:
@@ -70,8 +84,21 @@ OPS = {
     "int8_gemm_int32": lambda d, p: (int8_gemm, (d, p(AQ), p(SA), p.weight(WQ), p(SW), "int32")),
     "grouped_int8_gemm": lambda d, p: (grouped_int8_gemm, (d, p(AQ), p(SA), [5, 0, 7], [p.weight(WQ) for _ in range(3)],
                                                            [p(SW) for _ in range(3)])),
+    "matmul": lambda d, p: (matmul, (d, p(MA), p(MB))),
+    "mla_attention_decode": lambda d, p: (mla_attention_decode, (d, p(DQ), _decode_cache(d), list(DECODE_LENS))),
 }
 MAX_OPERANDS = 8  # grouped_int8_gemm: a_q, a_scale, 3 weights, 3 weight scales
+
+
+def _decode_cache(die) -> MLACache:
+    """The cache mla_attention_decode reads, made before the op's allocations are counted (it is not the op's)."""
+    cache = MLACache(die, None, 4, 16, kv_dim=64, pe_dim=32)
+    for s, (c_kv, k_pe) in DECODE_KV.items():
+        if die.functional:
+            cache.append(s, c_kv, k_pe)
+        else:
+            cache.allocate([s], [len(c_kv)])
+    return cache
 
 
 def _as_tuple(res):
@@ -129,20 +156,36 @@ def test_gm_full_at_any_allocation_leaves_gm_as_it_was(name, functional, gm):
         assert die.gm.in_use == before
 
 
+def _fail_launch(die, i: int) -> list:
+    """Launch i (0-based) of `die` from now on raises; returns the kernels launched (the failing one last)."""
+    real, launched = die.launch, []
+
+    def launch(kern, block_dim=1, args=(), **kwargs):
+        launched.append(kern)
+        if len(launched) == i + 1:
+            raise ascendemu.ParamError(f"{kern.__name__}: the kernel failed")
+        return real(kern, block_dim=block_dim, args=args, **kwargs)
+    die.launch = launch
+    return launched
+
+
 @pytest.mark.parametrize("name", sorted(OPS))
 @given(functional=st.booleans(), gm=st.frozensets(st.integers(0, MAX_OPERANDS - 1)))
 def test_failed_launch_frees_outputs_and_staged(name, functional, gm):
     die, _, op, args = _prepare(name, functional, gm)
-    before = die.gm.in_use
-    made = _record_allocations(die)
-
-    def failing_launch(kern, block_dim=1, args=(), **_):
-        raise ascendemu.ParamError(f"{kern.__name__}: the kernel failed")
-    die.launch = failing_launch
-    with pytest.raises(ascendemu.ParamError, match="the kernel failed"):
-        op(*args)
-    assert made and all(not t.allocation.live for t in made)
-    assert die.gm.in_use == before
+    launched = _fail_launch(die, -1)  # (none fails: count them)
+    op(*args)
+    assert launched
+    for i in range(len(launched)):  # launch i fails
+        die, _, op, args = _prepare(name, functional, gm)
+        before = die.gm.in_use
+        made = _record_allocations(die)
+        failed = _fail_launch(die, i)
+        with pytest.raises(ascendemu.ParamError, match="the kernel failed"):
+            op(*args)
+        assert len(failed) == i + 1 and failed[i] is launched[i]
+        assert made and all(not t.allocation.live for t in made)
+        assert die.gm.in_use == before
 
 
 def test_error_in_the_block_frees_what_was_staged():
@@ -186,3 +229,101 @@ def test_staging_errors():
             s.put(X, "x")
             s.put(other.gm.from_numpy(W), "w")
     assert die.gm.in_use == 0
+
+
+def test_own_and_result():
+    """own: another op's GlobalTensor freed with the scratch, or handed back as an output; result: the outputs as
+    launch returns them (numpy when all host, the rest freed)."""
+    die = ascendemu.Die("910c")
+    with Staging(die, "op") as s:
+        s.put(X, "x")
+        kept = s.own(die.gm.from_numpy(W), output=True)
+        gone = s.own(die.gm.from_numpy(R))
+        (host,) = s.result()
+    np.testing.assert_array_equal(host, W)
+    assert die.gm.in_use == 0 and not kept.allocation.live and not gone.allocation.live
+    with Staging(die, "op") as s:
+        g = s.put(die.gm.from_numpy(X), "x")
+        (out,) = (s.own(die.gm.from_numpy(W), output=True),)
+        assert s.result() == (out,)
+    assert die.gm.in_use == g.nbytes + out.nbytes and out.allocation.live
+    other = ascendemu.Die("910c")
+    for bad, what in ((other.gm.from_numpy(W), "GlobalTensor"), (W, "ndarray")):
+        with pytest.raises(ValueError, match=f"op: own takes a GlobalTensor of this die's GM, got {what}"):
+            with Staging(die, "op") as s:
+                s.own(bad)
+    with pytest.raises(RuntimeError, match="op: use Staging as"):
+        Staging(die, "op").result()
+
+
+# ------------------------------------------------------------------ the MLA sublayer (a few dozen launches each)
+
+MLA_CFG = MLAConfig(hidden_size=64, num_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                    qk_rope_head_dim=16, v_head_dim=16, max_position_embeddings=512)
+MLA_W = MLAWeights.from_hf(random_state_dict(MLA_CFG, seed=3), 0, MLA_CFG, int8=True)  # int8: linear's Staging too
+MLA_STEPS = {  # name → (op, hidden rows, its other arguments)
+    "mla_prefill": (mla_prefill, 3, ([2, 1], [2, 1])),  # a new sequence and a chunk of sequence 1
+    "mla_decode": (mla_decode, 4, ([1, 2], 2)),  # MTP: both sequences, two tokens each (2 is made by setup)
+}
+
+
+def _mla_prepare(name):
+    """Timing-only (the sweeps run the sublayer some 60 times), phantom hidden: sequence 1 holds 5 tokens (and
+    for decode sequence 2 holds 3)."""
+    die = ascendemu.Die("910c", functional=False)
+    cache = MLACache(die, MLA_CFG, 6, 16)
+    cache.allocate([1, 2] if name == "mla_decode" else [1], [5, 3] if name == "mla_decode" else [5])
+    op, rows, rest = MLA_STEPS[name]
+    hidden = die.gm.empty((rows, MLA_CFG.hidden_size), BF16)
+    return die, cache, op, (die, hidden, MLA_W, cache) + rest
+
+
+def _cache_state(cache):
+    return [(s, cache.length(s)) for s in cache.seq_ids]
+
+
+def _full_at(die, j: int) -> None:
+    """GM is exactly full when allocation j (0-based) comes: nested ops free their staging part-way, so the
+    capacity cannot be fixed beforehand."""
+    empty, n = die.gm.empty, [0]
+
+    def filling(*args, **kwargs):
+        if n[0] == j:
+            die.gm.capacity = die.gm.in_use
+        n[0] += 1
+        return empty(*args, **kwargs)
+    die.gm.empty = filling
+
+
+@pytest.mark.parametrize("name", sorted(MLA_STEPS))
+def test_mla_sublayer_gm_full_at_any_allocation(name):
+    die, cache, op, args = _mla_prepare(name)
+    made = _record_allocations(die)
+    op(*args)
+    assert len(made) > 20 and all(t.nbytes > 0 for t in made)
+    for j in range(len(made)):
+        die, cache, op, args = _mla_prepare(name)
+        before, state = die.gm.in_use, _cache_state(cache)
+        _full_at(die, j)
+        made = _record_allocations(die)
+        with pytest.raises(AllocationError, match="exceeds GM"):
+            op(*args)
+        assert len(made) == j and all(not t.allocation.live for t in made)
+        assert die.gm.in_use == before and _cache_state(cache) == state
+
+
+@pytest.mark.parametrize("name", sorted(MLA_STEPS))
+def test_mla_sublayer_failed_launch(name):
+    die, cache, op, args = _mla_prepare(name)
+    launched = _fail_launch(die, -1)
+    op(*args)
+    assert len(launched) > 10
+    for i in range(len(launched)):
+        die, cache, op, args = _mla_prepare(name)
+        before, state = die.gm.in_use, _cache_state(cache)
+        made = _record_allocations(die)
+        _fail_launch(die, i)
+        with pytest.raises(ascendemu.ParamError, match="the kernel failed"):
+            op(*args)
+        assert made and all(not t.allocation.live for t in made)
+        assert die.gm.in_use == before and _cache_state(cache) == state

@@ -65,6 +65,7 @@ from ascendemu import (PIPE_FIX, PIPE_M, PIPE_MTE3, PIPE_V, BinaryRepeatParams, 
 from ascendemu.layouts import ceil_div
 from ascendemu.numerics import as_dtype, dtype_name
 from ascendemu.ops.matmul import copy_gm_to_l1_strips
+from ascendemu.ops.rowwise import Staging
 
 from .cache import MLACache
 
@@ -753,29 +754,18 @@ def mla_attention_decode(die, q, cache: MLACache, seq_ids, *, softmax_scale: flo
     plan = plan_decode(die.spec, (B, s_q, h_q, kd), cache.kv_dim, cache.pe_dim, cache.block_size, lengths,
                        [cache.block_table(s) for s in ids], scale=float(softmax_scale), num_splits=num_splits,
                        tiling=tiling)
-    gq = die.gm.from_numpy(q) if isinstance(q, np.ndarray) else q
     n_groups = len(plan.groups)
-    ws = [die.gm.empty((n_groups * 2 * plan.rows * plan.tile,), F32),  # S tiles
-          die.gm.empty((n_groups * 2 * plan.rows * plan.tile,), BF16),  # P tiles
-          die.gm.empty((plan.n_partials * cache.kv_dim * plan.rows,), F32),  # partial oᵀ (dims × rows)
-          die.gm.empty((plan.n_partials * 2 * plan.rows,), F32)]  # partial (max, sum)
     r_idx, d_idx = np.meshgrid(np.arange(plan.rows), np.arange(plan.merge_cols), indexing="ij")
-    offsets = die.gm.from_numpy(((d_idx * plan.rows + r_idx) * 2).astype(np.uint32).reshape(-1))
-    ws.append(offsets)
-    out = die.gm.empty((B, s_q, h_q, cache.kv_dim), BF16)
-    try:
-        s_ws, p_ws, o_part, ml_ws, _ = ws
-        die.launch(mla_decode_kernel, block_dim=n_groups,
+    with Staging(die, "mla_attention_decode") as st:
+        gq = st.put(q, "q")
+        s_ws = st.workspace((n_groups * 2 * plan.rows * plan.tile,), F32)  # S tiles
+        p_ws = st.workspace((n_groups * 2 * plan.rows * plan.tile,), BF16)  # P tiles
+        o_part = st.workspace((plan.n_partials * cache.kv_dim * plan.rows,), F32)  # partial oᵀ (dims × rows)
+        ml_ws = st.workspace((plan.n_partials * 2 * plan.rows,), F32)  # partial (max, sum)
+        offsets = st.put(((d_idx * plan.rows + r_idx) * 2).astype(np.uint32).reshape(-1), "merge offsets")
+        out = st.output((B, s_q, h_q, cache.kv_dim), BF16)
+        die.launch(mla_decode_kernel, block_dim=n_groups,  # (a failure here: `with` frees everything)
                    args=(gq.flatten(), cache.c_kv.flatten(), cache.k_pe.flatten(), s_ws, p_ws, o_part, ml_ws, plan))
-        die.launch(mla_decode_merge_kernel, block_dim=min(die.spec.aiv_per_die, len(plan.merge_units)),
-                   args=(o_part, ml_ws, out.flatten(), offsets, plan))
-    finally:
-        for w in ws:
-            die.gm.free(w)
-        if isinstance(q, np.ndarray):
-            die.gm.free(gq)
-    if isinstance(q, np.ndarray) and die.functional:
-        host = out.numpy()
-        die.gm.free(out)
-        return host
-    return out
+        (o,) = st.launch(mla_decode_merge_kernel, min(die.spec.aiv_per_die, len(plan.merge_units)),
+                         (o_part, ml_ws, out.flatten(), offsets, plan))
+    return o

@@ -34,13 +34,12 @@ import numpy as np
 
 import ascendemu
 from ascendemu import DataCopyParams, GlobalTensor, HardEvent, UnaryRepeatParams
-from ascendemu.ops.rowwise import calc_buffer
+from ascendemu.ops.rowwise import Staging, calc_buffer
 
 from .attention import mla_attention_decode, sync
 from .attention_prefill import mla_attention_prefill
 from .cache import MLACache
-from .prolog import (BF16, FRAC, batched_linear, can_implement, free_all, gather_context, linear, mla_prolog,
-                     split_items, to_gm)
+from .prolog import BF16, FRAC, batched_linear, can_implement, gather_context, linear, mla_prolog, split_items
 from .weights import MLAWeights
 
 __all__ = ["mla_prefill", "mla_decode", "MLAStats", "mla_prefill_kv_kernel", "PrefillKVPlan", "plan_prefill_kv",
@@ -222,38 +221,29 @@ def _reserve(fn, cache: MLACache, ids, new_lengths):
 
 def _sublayer(fn, die, hidden, weights, cache, ids, past, new_lens, int8, absorb, attend):
     """What mla_prefill and mla_decode share: reserve the new tokens' cache slots, stage hidden, then the three
-    phases (prolog; `attend(q, tmp)` → o [T, h, v_head_dim], which appends what it allocates to tmp; o_proj), each
-    recorded in an MLAStats. On failure the reservation is undone and everything allocated here is freed.
-    Returns (out, stats): out numpy if hidden is numpy and the die functional, else the GlobalTensor."""
+    phases (prolog; `attend(q, st)` → o [T, h, v_head_dim], which hands what it allocates to the Staging `st`;
+    o_proj), each recorded in an MLAStats. On failure the reservation is undone and everything allocated here is
+    freed. Returns (out, stats): out numpy if hidden is numpy and the die functional, else the GlobalTensor."""
     c = weights.config
     t = sum(new_lens)
     undo = _reserve(fn, cache, ids, [p + n for p, n in zip(past, new_lens)])
     stats = MLAStats()
-    staged = None
-    tmp = []
     try:
-        gx, was_staged = to_gm(die, hidden, "hidden", fn)
-        staged = gx if was_staged else None
-        positions = np.concatenate([np.arange(p, p + n) for p, n in zip(past, new_lens)])
-        slots = np.concatenate([cache.slot_mapping(s, np.arange(p, p + n)) for s, p, n in zip(ids, past, new_lens)])
-        with stats.phase(die, "prolog"):
-            pro = mla_prolog(die, gx, weights, cache, positions, slots, absorb=absorb, int8=int8)
-        tmp.append(pro.q)
-        with stats.phase(die, "attention"):
-            o = attend(pro.q, tmp)
-        with stats.phase(die, "o_proj"):
-            out = linear(die, o.reshape((t, c.num_heads * c.v_head_dim)), weights, "o_proj", int8)
+        with Staging(die, fn) as st:
+            gx = st.put(hidden, "hidden")
+            positions = np.concatenate([np.arange(p, p + n) for p, n in zip(past, new_lens)])
+            slots = np.concatenate([cache.slot_mapping(s, np.arange(p, p + n))
+                                    for s, p, n in zip(ids, past, new_lens)])
+            with stats.phase(die, "prolog"):
+                q = st.own(mla_prolog(die, gx, weights, cache, positions, slots, absorb=absorb, int8=int8).q)
+            with stats.phase(die, "attention"):
+                o = attend(q, st)
+            with stats.phase(die, "o_proj"):
+                st.own(linear(die, o.reshape((t, c.num_heads * c.v_head_dim)), weights, "o_proj", int8), output=True)
+            (out,) = st.result()
     except BaseException:
         undo()
-        free_all(die, staged)
         raise
-    finally:
-        free_all(die, *tmp)
-    free_all(die, staged)
-    if isinstance(hidden, np.ndarray) and die.functional:
-        host = out.numpy()
-        die.gm.free(out)
-        return host, stats
     return out, stats
 
 
@@ -280,22 +270,18 @@ def mla_prefill(die, hidden, weights: MLAWeights, cache: MLACache, seq_ids, seq_
     h, d, r, dv = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     kv_lens = [p + n for p, n in zip(past, lens)]
 
-    def attend(q, tmp):  # the naive form over each sequence's whole context (past + new)
+    def attend(q, st):  # the naive form over each sequence's whole context (past + new)
         ctx_slots = np.concatenate([cache.slot_mapping(s, np.arange(L)) for s, L in zip(ids, kv_lens)])
         c_ctx, p_ctx = gather_context(die, cache, ctx_slots)
-        tmp += [c_ctx, p_ctx]
-        kv = linear(die, c_ctx, weights, "kv_b_proj", False)
-        tmp.append(kv)
+        st.own(c_ctx)
+        st.own(p_ctx)
+        kv = st.own(linear(die, c_ctx, weights, "kv_b_proj", False))
         lk = len(ctx_slots)
-        k = die.gm.empty((lk, h, d + r), BF16)
-        tmp.append(k)
-        v = die.gm.empty((lk, h, dv), BF16)
-        tmp.append(v)
+        k = st.workspace((lk, h, d + r), BF16)
+        v = st.workspace((lk, h, dv), BF16)
         plan = plan_prefill_kv(die.spec, lk, h, d, r, dv)
         die.launch(mla_prefill_kv_kernel, block_dim=len(plan.cores), args=(kv, p_ctx, k, v, plan))
-        o = mla_attention_prefill(die, q, k, v, lens, kv_lens, softmax_scale=c.softmax_scale)
-        tmp.append(o)
-        return o
+        return st.own(mla_attention_prefill(die, q, k, v, lens, kv_lens, softmax_scale=c.softmax_scale))
 
     out, stats = _sublayer(fn, die, hidden, weights, cache, ids, past, lens, int8, False, attend)
     return (out, stats) if return_stats else out
@@ -325,13 +311,10 @@ def mla_decode(die, hidden, weights: MLAWeights, cache: MLACache, seq_ids, token
     h, C, dv = c.num_heads, c.kv_lora_rank, c.v_head_dim
     t = b * tokens_per_seq
 
-    def attend(q, tmp):  # the absorbed form over the cache, then o = o_lat · W_UVᵀ per head
-        o_lat = mla_attention_decode(die, q.reshape((b, tokens_per_seq, h, C + c.qk_rope_head_dim)), cache, ids,
-                                     softmax_scale=c.softmax_scale, num_splits=num_splits, tiling=tiling)
-        tmp.append(o_lat)
-        o = batched_linear(die, o_lat.reshape((t, h, C)), weights.w_uv_nz, dv, C)
-        tmp.append(o)
-        return o
+    def attend(q, st):  # the absorbed form over the cache, then o = o_lat · W_UVᵀ per head
+        o_lat = st.own(mla_attention_decode(die, q.reshape((b, tokens_per_seq, h, C + c.qk_rope_head_dim)), cache,
+                                            ids, softmax_scale=c.softmax_scale, num_splits=num_splits, tiling=tiling))
+        return st.own(batched_linear(die, o_lat.reshape((t, h, C)), weights.w_uv_nz, dv, C))
 
     out, stats = _sublayer(fn, die, hidden, weights, cache, ids, past, [tokens_per_seq] * b, int8, True, attend)
     return (out, stats) if return_stats else out

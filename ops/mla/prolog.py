@@ -44,7 +44,7 @@ from ascendemu.numerics import as_dtype
 from ascendemu.ops.gemm import PackedWeight, batched_bf16_gemm, bf16_gemm, packed_heads
 from ascendemu.ops.int8_gemm import int8_gemm
 from ascendemu.ops.quant import quantize_per_token
-from ascendemu.ops.rowwise import BLOCK, LANES, apply_rows, bar, calc_buffer
+from ascendemu.ops.rowwise import BLOCK, LANES, Staging, apply_rows, bar, calc_buffer
 
 from .attention import sync
 from .cache import MLACache
@@ -54,7 +54,7 @@ from .weights import MLAWeights
 __all__ = ["mla_prolog", "PrologOutput", "linear", "batched_linear", "rope_tables", "swap_offsets",
            "mla_kv_cache_kernel", "mla_q_rope_kernel", "mla_kv_gather_kernel", "KVCachePlan", "QRopePlan",
            "GatherPlan", "can_implement", "split_items", "plan_kv_cache", "plan_q_rope", "plan_kv_gather",
-           "gather_context", "to_gm", "free_all"]
+           "gather_context"]
 
 BF16, F32, U32 = as_dtype("bfloat16"), as_dtype("float32"), as_dtype("uint32")
 FRAC = 16  # bf16 elements of a 32 B block (C0)
@@ -393,35 +393,14 @@ def mla_kv_gather_kernel(ctx, c_kv, k_pe, c_out, p_out, plan: GatherPlan):
 def gather_context(die, cache: MLACache, slots) -> tuple[GlobalTensor, GlobalTensor]:
     """The cache entries at `slots` (in order) as ND GlobalTensors (c_kv [L, C], k_pe [L, R]), one AIV launch."""
     plan = plan_kv_gather(die.spec, slots, cache.kv_dim, cache.pe_dim, cache.block_size)
-    c_out = die.gm.empty((len(slots), cache.kv_dim), BF16)
-    p_out = die.gm.empty((len(slots), cache.pe_dim), BF16)
-    try:
-        die.launch(mla_kv_gather_kernel, block_dim=len(plan.cores),
-                   args=(cache.c_kv.flatten(), cache.k_pe.flatten(), c_out, p_out, plan))
-    except BaseException:
-        free_all(die, c_out, p_out)
-        raise
-    return c_out, p_out
+    with Staging(die, "gather_context") as st:
+        c_kv, k_pe = st.put(cache.c_kv.flatten(), "cache.c_kv"), st.put(cache.k_pe.flatten(), "cache.k_pe")
+        c_out = st.output((len(slots), cache.kv_dim), BF16)
+        p_out = st.output((len(slots), cache.pe_dim), BF16)
+        return st.launch(mla_kv_gather_kernel, len(plan.cores), (c_kv, k_pe, c_out, p_out, plan))
 
 
 # --------------------------------------------------------------------------------------------------- projections
-
-
-def to_gm(die, x, name: str, fn: str) -> tuple[GlobalTensor, bool]:
-    """x as a GlobalTensor of `die` (staged if it is a numpy array); returns (tensor, staged)."""
-    if isinstance(x, GlobalTensor):
-        if x.gm is not die.gm:
-            raise ValueError(f"{fn}: {name} is a GlobalTensor of another die's GM")
-        return x, False
-    if isinstance(x, np.ndarray):
-        return die.gm.from_numpy(np.ascontiguousarray(x)), True
-    raise TypeError(f"{fn}: {name} must be a numpy array or a GlobalTensor, got {type(x).__name__}")
-
-
-def free_all(die, *ts) -> None:
-    for t in ts:
-        if t is not None:
-            die.gm.free(t)
 
 
 def _packed(weights: MLAWeights, name: str) -> PackedWeight:
@@ -436,11 +415,9 @@ def linear(die, x: GlobalTensor, weights: MLAWeights, name: str, int8: bool) -> 
     weight's INT8 variant (cloudmatrix-design.md §6: per-token activation, per-channel weight scales)."""
     if int8:
         wq = weights.q_kv_a_proj_int8 if name == "q_kv_a_proj" else weights.int8[name]
-        a_q, a_s = quantize_per_token(die, x)
-        try:
-            return int8_gemm(die, a_q, a_s, wq.packed, wq.scale)
-        finally:
-            free_all(die, a_q, a_s)
+        with Staging(die, "linear") as st:  # a_q, a_s freed when the GEMM is done (or failed)
+            a_q, a_s = quantize_per_token(die, x)
+            return int8_gemm(die, st.own(a_q), st.own(a_s), wq.packed, wq.scale)
     return bf16_gemm(die, x, _packed(weights, name))
 
 
@@ -527,70 +504,46 @@ def mla_prolog(die, hidden, weights: MLAWeights, cache: MLACache, positions, slo
     if positions.shape != (t,) or np.shape(slots) != (t,):
         raise ValueError(f"mla_prolog: positions {positions.shape} and slots {np.shape(slots)} must have one entry "
                          f"per token of hidden ({t})")
-    cs_host = rope_tables(c, positions)
-    tmp = []
-    q = out = cs = sw = None
-    try:
-        cs = die.gm.from_numpy(cs_host)
-        sw = die.gm.from_numpy(swap_offsets(max(c.qk_rope_head_dim, _q_plan(die, c, t, absorb).head_chunk *
-                                                c.qk_rope_head_dim)))
+    h, d, r, qd = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.q_lora_rank or 0
+    qp = _q_plan(die, c, t, absorb)
+    # one Staging for the whole prolog: the other ops' launches (linear, copy_cols) and the cache write run in the
+    # block, and what the other ops return is `own`ed; the last launch (RoPE of q) hands back the queries, a
+    # GlobalTensor (hidden is one): [T, h, C + R] (absorb), else the q projection itself, rotated in place
+    with Staging(die, "mla_prolog") as st:
+        hidden = st.put(hidden, "hidden")  # a GlobalTensor: the output stays one
+        cs = st.put(rope_tables(c, positions), "cos/sin tables")
+        sw = st.put(swap_offsets(max(r, qp.head_chunk * r)), "swap offsets")
         # 1-2: the down-projection (one GEMM over [W_DQ; W_DKV; W_KR]), the norms, RoPE of k_pe and the cache write
-        h, d, r, qd = c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.q_lora_rank or 0
         if qd:
-            a = linear(die, hidden, weights, "q_kv_a_proj", int8)
-            cq = die.gm.empty((t, qd), BF16)
-            tmp += [a, cq]
-            q_norm_w = die_weight(die, weights.q_a_layernorm, tmp)
+            a = st.own(linear(die, hidden, weights, "q_kv_a_proj", int8))
+            cq = st.workspace((t, qd), BF16)
+            q_norm_w = st.put(weights.q_a_layernorm, "q_a_layernorm")
         else:
-            q = linear(die, hidden, weights, "q_proj", int8)
-            a = linear(die, hidden, weights, "kv_a_proj_with_mqa", int8)
-            tmp.append(a)
+            q = st.own(linear(die, hidden, weights, "q_proj", int8), output=not absorb)
+            a = st.own(linear(die, hidden, weights, "kv_a_proj_with_mqa", int8))
             cq = q_norm_w = None
         plan = plan_kv_cache(die.spec, slots, qd, cache.kv_dim, cache.pe_dim, cache.block_size, c.rms_norm_eps)
         if plan.cores:
             die.launch(mla_kv_cache_kernel, block_dim=len(plan.cores),
-                       args=(a, q_norm_w, die_weight(die, weights.kv_a_layernorm, tmp), cs, sw, cq,
+                       args=(a, q_norm_w, st.put(weights.kv_a_layernorm, "kv_a_layernorm"), cs, sw, cq,
                              cache.c_kv.flatten(), cache.k_pe.flatten(), plan))
         # 3: the q up-projection
         if qd:
-            q = linear(die, cq, weights, "q_b_proj", int8)
+            q = st.own(linear(die, cq, weights, "q_b_proj", int8), output=not absorb)
         # 4: RoPE of q_pe (and q_lat = q_nope · W_UK, concatenated)
         q = q.reshape((t, h, d + r))
-        qp = _q_plan(die, c, t, absorb)
         if absorb:
-            tmp.append(q)
-            q_nope = _heads_slice(die, q, 0, d)
-            tmp.append(q_nope)
-            q_lat = batched_linear(die, q_nope, weights.w_uk_nz, c.kv_lora_rank, d)
-            tmp.append(q_lat)
-            out = die.gm.empty((t, h, c.kv_lora_rank + r), BF16)
-            die.launch(mla_q_rope_kernel, block_dim=len(qp.cores), args=(q, q_lat, cs, sw, out, qp))
+            q_nope = st.workspace((t, h, d), BF16)  # q[:, :, :D], contiguous
+            copy_cols(die, q_nope.reshape((t * h, d)), q.reshape((t * h, d + r)), 0, d)
+            q_lat = st.own(batched_linear(die, q_nope, weights.w_uk_nz, c.kv_lora_rank, d))
+            out = st.output((t, h, c.kv_lora_rank + r), BF16)
+            (out,) = st.launch(mla_q_rope_kernel, len(qp.cores), (q, q_lat, cs, sw, out, qp))
         else:
-            out = q
-            die.launch(mla_q_rope_kernel, block_dim=len(qp.cores), args=(q, None, cs, sw, q, qp))
-    except BaseException:
-        free_all(die, *tmp, q, out)  # free is idempotent
-        raise
-    finally:
-        free_all(die, cs, sw)
-    free_all(die, *tmp)
+            (q_2d,) = st.launch(mla_q_rope_kernel, len(qp.cores), (q, None, cs, sw, q, qp))
+            out = q_2d.reshape((t, h, d + r))  # (the output `own`ed above is the projection's [T, h·(D + R)])
     return PrologOutput(out, np.asarray(slots, np.int32), positions)
 
 
 def _q_plan(die, c, t, absorb):
     return plan_q_rope(die.spec, t, c.num_heads, c.qk_nope_head_dim, c.qk_rope_head_dim,
                        c.kv_lora_rank if absorb else 0)
-
-
-def die_weight(die, w: np.ndarray, tmp: list) -> GlobalTensor:
-    g = die.gm.from_numpy(np.ascontiguousarray(w))
-    tmp.append(g)
-    return g
-
-
-def _heads_slice(die, x: GlobalTensor, c0: int, n: int) -> GlobalTensor:
-    """x [M, H, K] → x[:, :, c0:c0+n] contiguous [M, H, n] (one AIV DataCopy pair)."""
-    m, nh, k = x.shape
-    y = die.gm.empty((m, nh, n), BF16)
-    copy_cols(die, y.reshape((m * nh, n)), x.reshape((m * nh, k)), c0, n)
-    return y
