@@ -46,46 +46,85 @@ class Task:
         return run
 
 
+# The ready heap holds plain ints, key(clock, order, seq) = (clock·ORDERS + order)·SEQS + seq, which sort exactly as
+# the tuples (clock, order, seq) would (0 ≤ order < ORDERS, 0 ≤ seq < SEQS) but compare in C without building or
+# walking a tuple (up to 15,360 cores share one heap in an EP320 launch).
+ORDERS = 1 << 24
+SEQS = 1 << 40
+
+
+def _cycle(c) -> int:
+    """A clock as an exact int (a float clock would make the heap key inexact)."""
+    if type(c) is int:
+        return c
+    i = int(c)
+    if i != c:
+        raise TypeError(f"scheduler clock {c!r} is not a whole cycle")
+    return i
+
+
 class Scheduler:
     def __init__(self):
         self.main = greenlet.getcurrent()
         self.tasks: list[Task] = []
-        self.ready: list = []  # heap of (clock, order, seq, task)
+        self.ready: list[int] = []  # heap of key(clock, order, seq); the task is self.tasks[order]
         self.current: Task | None = None
         self._seq = 0
+        self._start: Task | None = None  # a task `_pass_on` chose that has not started: `run` starts it
 
     def spawn(self, name: str, body, clock_fn) -> Task:
+        if len(self.tasks) >= ORDERS:
+            raise ValueError(f"the scheduler takes at most {ORDERS} cores")
         t = Task(self, name, len(self.tasks), body, clock_fn)
         self.tasks.append(t)
         self._push(t)
         return t
 
-    def _push(self, t: Task) -> None:
+    def _push(self, t: Task, clock=None) -> None:
         self._seq += 1
-        heapq.heappush(self.ready, (t.clock_fn(), t.order, self._seq, t))
+        c = _cycle(t.clock_fn() if clock is None else clock)
+        heapq.heappush(self.ready, (c * ORDERS + t.order) * SEQS + self._seq)
 
     # --- called from inside a task ---------------------------------------------------------
+    def _pass_on(self) -> None:
+        """Switch from the current task straight to the next runnable one (the one `run` would pick), or back to
+        `run` when there is none. One greenlet switch instead of two through `run`; the order is the same."""
+        ready, tasks, me = self.ready, self.tasks, self.current
+        while ready:
+            t = tasks[heapq.heappop(ready) // SEQS % ORDERS]
+            if t.done or t.waiting is not None:
+                continue
+            if t is me:
+                return
+            if not t.glet:  # not started yet: `run` starts it (a greenlet started here would stack its frames on ours)
+                self._start = t
+                break
+            self.current = t
+            t.glet.switch()
+            return
+        self.current = None
+        self.main.switch()
+
     def yield_if_behind(self) -> None:
         """Let a core with an earlier clock run first (keeps shared resources in time order)."""
         t = self.current
         if t is None or not self.ready:
             return
-        if self.ready[0][0] < t.clock_fn():
-            self._push(t)
-            self.main.switch()
+        c = _cycle(t.clock_fn())
+        if self.ready[0] < c * ORDERS * SEQS:  # the earliest ready core's clock is before c
+            self._push(t, c)
+            self._pass_on()
 
     def sleep_until(self, cycle: int) -> None:
         """Let every core whose clock is before `cycle` run first (it might still produce an earlier event)."""
-        t = self.current
-        self._seq += 1
-        heapq.heappush(self.ready, (cycle, t.order, self._seq, t))
-        self.main.switch()
+        self._push(self.current, cycle)
+        self._pass_on()
 
     def block(self, what: str, line) -> None:
         """Suspend the current task until `wake(task)`."""
         t = self.current
         t.waiting, t.wait_line = what, line
-        self.main.switch()
+        self._pass_on()
 
     def wake(self, t: Task) -> None:
         if t.waiting is not None:
@@ -94,10 +133,14 @@ class Scheduler:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        while self.ready:
-            _, _, _, t = heapq.heappop(self.ready)
-            if t.done or t.waiting is not None:
-                continue
+        ready, tasks, pop = self.ready, self.tasks, heapq.heappop
+        while ready or self._start is not None:
+            if self._start is not None:  # the next task, popped by a task that passed on to it
+                t, self._start = self._start, None
+            else:
+                t = tasks[pop(ready) // SEQS % ORDERS]
+                if t.done or t.waiting is not None:
+                    continue
             self.current = t
             t.glet.switch()
             self.current = None
