@@ -20,6 +20,7 @@ with their arrival times (`die.watch`); in timing-only mode they start at 0.
 from __future__ import annotations
 
 import bisect
+import math
 
 import numpy as np
 
@@ -40,23 +41,62 @@ def _word_value(word: GlobalTensor):
     return word.flat_view(0, 1)[0].item()
 
 
-def _fold(hist, t):
-    """The word's value at cycle t: its initial value, then every write that has arrived by t."""
-    value = hist["initial"]
-    for a, _, v, add in hist["writes"]:
-        if a > t:
-            break
-        value = value + v if add else v
-    return value
+def _history(die, word: GlobalTensor) -> "_WordHistory":
+    """The write history of `word` (in `die`'s GM) in this launch, made on first use."""
+    key = _word_key(word)
+    hist = die.watch.get(key)
+    if hist is None:
+        hist = die.watch[key] = _WordHistory(_word_value(word))
+    return hist
 
 
-def _steps(hist, t):
-    """(arrival, value from then on) for each write arriving after cycle t."""
-    value = hist["initial"]
-    for a, _, v, add in hist["writes"]:
-        value = value + v if add else v
-        if a > t:
-            yield a, value
+class _WordHistory:
+    """The remote writes one GM flag word receives during a launch, in arrival order, with the word's value after
+    each. The values are brought up to date lazily, by the waiter, from the earliest write that arrived out of
+    order; and a waiter re-tests only values that changed since it last looked. (An arrival counter that hundreds
+    of dies add into is re-read on every arrival: re-folding the whole history each time was quadratic.)"""
+
+    __slots__ = ("initial", "keys", "writes", "values", "valid", "waiters", "scan_from")
+
+    def __init__(self, initial):
+        self.initial = initial
+        self.keys = []  # (arrival, seq), ascending: the arrival order (ties: the order of issue)
+        self.writes = []  # (value, add) of each
+        self.values = []  # the word's value once each has arrived; right for the first `valid` only
+        self.valid = 0
+        self.waiters = []  # tasks blocked until the next write
+        self.scan_from = {}  # waiting task → first index whose value it has not yet tested (see wait_until)
+
+    def add(self, arrival: int, value: int, add: bool) -> None:
+        key = (arrival, len(self.keys))
+        j = bisect.bisect(self.keys, key)
+        self.keys.insert(j, key)
+        self.writes.insert(j, (value, add))
+        self.values.insert(j, None)
+        if j < self.valid:
+            self.valid = j
+        for task, i in self.scan_from.items():
+            if j < i:
+                self.scan_from[task] = j
+
+    def settle(self) -> None:
+        """Bring every value up to date."""
+        i, n = self.valid, len(self.values)
+        if i < n:
+            v = self.values[i - 1] if i else self.initial
+            for i in range(i, n):
+                w, a = self.writes[i]
+                v = v + w if a else w
+                self.values[i] = v
+            self.valid = n
+
+    def arrived_by(self, t: int) -> int:
+        """How many writes have arrived by cycle t."""
+        return bisect.bisect(self.keys, (t, math.inf))
+
+    def value_at(self, k: int):
+        """The word's value once the first k writes (in arrival order) have arrived (after `settle`)."""
+        return self.values[k - 1] if k else self.initial
 
 
 class RemoteInstructions:
@@ -203,19 +243,15 @@ class RemoteInstructions:
         return die
 
     def _record_flag(self, word: GlobalTensor, value: int, arrival: int, add: bool = False) -> None:
-        die = word.gm.die
-        key = _word_key(word)
-        hist = die.watch.get(key)
-        if hist is None:
-            hist = die.watch[key] = {"initial": _word_value(word), "writes": [], "waiters": []}
-        bisect.insort(hist["writes"], (arrival, len(hist["writes"]), int(value), add))
+        hist = _history(word.gm.die, word)
+        hist.add(arrival, int(value), add)
         if self.functional and not word.is_phantom:
             cur = word.flat_view(0, 1)
             cur[0] = (cur.astype(np.int64) + value if add else np.array([value])).astype(word.dtype)[0]
         env = self._core.env
-        for task in hist["waiters"]:
+        for task in hist.waiters:
             env.sched.wake(task)
-        hist["waiters"] = []
+        hist.waiters = []
 
     def wait_until(self, word: GlobalTensor, predicate, what: str | None = None) -> int:
         """Block PIPE_S until `predicate(value)` holds for the local GM word `word`; returns that value."""
@@ -226,29 +262,37 @@ class RemoteInstructions:
         if not callable(predicate):
             raise ParamError(f"wait_until: predicate must be callable, got {predicate!r}", where=core.label)
         line = caller_line()
-        key = _word_key(word)
         now = core.scalar_t
+        hist = _history(env.die, word)
+        task = core.task
+        hist.scan_from[task] = 0
         slept = None  # a later arrival we have let every earlier core run up to
         while True:
-            hist = env.die.watch.get(key)
-            if hist is None:
-                hist = env.die.watch[key] = {"initial": _word_value(word), "writes": [], "waiters": []}
+            # true now, or first true from a later arrival? The values of writes before scan_from were tested
+            # (false) on an earlier pass and have not changed since (a write arriving in between lowers it)
+            hist.settle()
+            k = hist.arrived_by(now)
+            value = hist.value_at(k)
             t = None
-            value = _fold(hist, now)
             if predicate(value):
                 t = now
             else:
-                for a, v in _steps(hist, now):
-                    if predicate(v):
-                        t, value = a, v
+                i = max(k, hist.scan_from[task])
+                n = len(hist.values)
+                while i < n:
+                    if predicate(hist.values[i]):
+                        t, value = hist.keys[i][0], hist.values[i]
                         break
+                    i += 1
+                hist.scan_from[task] = i
             if t is not None and (t == now or (slept is not None and t <= slept)):
                 break
             if t is not None:  # true only from a later arrival: first let cores behind it run, they may write sooner
                 slept = t
                 env.sched.sleep_until(t)
                 continue
-            hist["waiters"].append(core.task)
+            hist.waiters.append(task)
             env.sched.block(what or f"wait_until on GM word {word!r}", line)
+        del hist.scan_from[task]
         core.issue("wait_until", Pipe.PIPE_S, 0, not_before=t)
         return value
