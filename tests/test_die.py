@@ -773,3 +773,38 @@ def test_mode0_barrier_counter_is_bounded():
                 ctx.cross_core_set_flag(0, PIPE_MTE3, 2)
     with pytest.raises(ae.SyncError, match="barrier sets of AIV 0 are pending; the counter holds at most 15"):
         ae.Die("910c").launch(ahead, block_dim=2)
+
+
+@ae.kernel("aiv")
+def _rounds_kernel(ctx, x, rounds):
+    """`rounds` times: a GM read, a vector op, a flag hand-off, a GM write (functional, race checks on)."""
+    ub = ctx.ub.alloc((64,), "float32")
+    for _ in range(rounds):
+        ctx.data_copy(ub, x[0:64])
+        sync(ctx, E.MTE2_V)
+        ctx.adds(ub, ub, 1.0, 64)
+        sync(ctx, E.V_MTE3)
+        ctx.data_copy(x[64 * (ctx.block_idx + 1):64 * (ctx.block_idx + 2)], ub)
+        sync(ctx, E.MTE3_MTE2)
+
+
+def test_launch_makes_no_cyclic_garbage_per_instruction():
+    """The collector is off during a launch (die.py): that is only safe while instructions make no reference
+    cycles, so the cyclic garbage a launch leaves must not grow with its instruction count. The collector's state
+    is restored afterwards, after a failed launch too."""
+    import gc
+
+    def garbage(rounds):
+        die = ae.Die("910c")
+        x = die.gm.zeros((64 * 9,), "float32")
+        gc.collect()
+        die.launch(_rounds_kernel, block_dim=8, args=(x, rounds))
+        return gc.collect()
+
+    assert gc.isenabled()
+    few, many = garbage(2), garbage(40)
+    assert many - few < 100, f"a launch of 20× the instructions left {many - few} more cyclic objects"
+    assert gc.isenabled()
+    with pytest.raises(TypeError):  # the kernel slices x = None
+        ae.Die("910c").launch(_rounds_kernel, block_dim=1, args=(None, 1))
+    assert gc.isenabled()
