@@ -43,40 +43,50 @@ class SharedLink:
         return root
 
     def transfer(self, start: int, nbytes: int, cap: float) -> int:
-        """Place `nbytes` starting at cycle `start` at ≤ `cap` bytes/cycle; return the finish cycle."""
+        """Place `nbytes` starting at cycle `start` at ≤ `cap` bytes/cycle; return the finish cycle.
+
+        (Hot: every GM and network transfer of every core comes through here, so locals, not attributes; the
+        arithmetic is exactly the sharing rule of the module docstring, in the same floating-point order.)"""
         self.total_bytes += nbytes
         if nbytes <= 0:
             return start
-        cap = min(float(cap), self.rate)
+        rate = self.rate
+        cap = float(cap)
+        if rate < cap:
+            cap = rate
         w = self.window
-        used = self.used
-        full = self.cap - 1e-6
+        wcap = self.cap
+        used, skip = self.used, self.skip
+        full = wcap - 1e-6
         t = float(start)
         left = float(nbytes)
         while True:
             wi = int(t // w)
-            open_wi = self._open(wi)
-            if open_wi != wi:
+            if wi in skip:  # a full window: jump to the first one with room
+                open_wi = self._open(wi)
                 wi, t = open_wi, float(open_wi * w)
             w_end = (wi + 1) * w
             span = w_end - t
             # what is left of the window, assumed spread evenly over it: only the part after t is usable
-            room = (self.cap - used.get(wi, 0.0)) * span / w
-            can = min(cap * span, room)
+            u = used.get(wi, 0.0)
+            room = (wcap - u) * span / w
+            cs = cap * span
+            can = room if room < cs else cs
             if can >= left:
                 # finishes in this window: at the slower of the cap and the window's remaining share
-                rate_here = cap if room >= cap * span else room / span
-                finish = t + left / rate_here
-                used[wi] = used.get(wi, 0.0) + left
-                if used[wi] >= full:
-                    self.skip[wi] = wi + 1
+                finish = t + left / (cap if room >= cs else room / span)
+                u += left
+                used[wi] = u
+                if u >= full:
+                    skip[wi] = wi + 1
                 end = math.ceil(finish - 1e-9)
                 if end > self.busy_until:
                     self.busy_until = end
                 return end
             if can > 0:
-                used[wi] = used.get(wi, 0.0) + can
+                u += can
+                used[wi] = u
                 left -= can
-                if used[wi] >= full:
-                    self.skip[wi] = wi + 1
+                if u >= full:
+                    skip[wi] = wi + 1
             t = float(w_end)

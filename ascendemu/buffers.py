@@ -97,20 +97,21 @@ class LocalBuffer:
         self.kind, self.capacity, self.align = kind, capacity, align
         self.poison = poison  # Checks.poison: without it, fresh allocations keep the buffer's old bytes
         self.where = where  # e.g. "AIV 3"
+        self.label = f"{where} · {kind}"  # what its tensors' errors lead with, e.g. "AIV 3 · UB"
         self.top = 0
         self.data = np.full(capacity, INT_POISON_BYTE, np.uint8) if functional else None
 
     def alloc(self, shape, dtype, *, zero: bool = False, align: int | None = None) -> "LocalTensor":
         """Allocate a tensor; fresh memory is poisoned unless `zero`."""
-        dt = machine_dtype(dtype, f"{self.where} · {self.kind}")
-        shape = as_shape(shape, f"{self.where} · {self.kind}")
+        dt = machine_dtype(dtype, self.label)
+        shape = as_shape(shape, self.label)
         nbytes = math.prod(shape) * dt.itemsize
         a = max(self.align, align or 1)
         off = -(-self.top // a) * a
         if off + nbytes > self.capacity:
             raise AllocationError(
                 f"allocation of {fmt_bytes(nbytes)} ({shape} {dtype_name(dt)}) exceeds {self.kind} "
-                f"({fmt_bytes(self.capacity)}; {fmt_bytes(self.top)} in use)", where=f"{self.where} · {self.kind}")
+                f"({fmt_bytes(self.capacity)}; {fmt_bytes(self.top)} in use)", where=self.label)
         self.top = off + nbytes
         if self.data is not None:
             region = self.data[off:off + nbytes]
@@ -139,6 +140,8 @@ class LocalBuffer:
 
 def as_shape(shape, where: str) -> tuple:
     """A shape as a tuple of non-negative ints (an int is a 1-D shape)."""
+    if type(shape) is tuple and len(shape) == 1 and type(shape[0]) is int and shape[0] >= 0:
+        return shape  # (n,): the commonest, already canonical
     shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
     if any(s < 0 for s in shape):
         raise BoundsError(f"negative shape {shape}", where=where)
@@ -168,7 +171,7 @@ class TensorView:
         return self._view(self.offset, self.dtype, shape)
 
     def flatten(self):
-        return self.reshape((self.size,))
+        return self._view(self.offset, self.dtype, (self.size,))
 
     def reinterpret_cast(self, dtype):
         """The same bytes seen as another dtype (Ascend C `ReinterpretCast<T>()`)."""
@@ -190,7 +193,7 @@ class LocalTensor(TensorView):
 
     @property
     def _where(self) -> str:
-        return f"{self.buffer.where} · {self.kind}"
+        return self.buffer.label
 
     def _view(self, offset: int, dtype: np.dtype, shape: tuple) -> "LocalTensor":
         return LocalTensor(self.buffer, offset, dtype, shape)
@@ -226,12 +229,16 @@ def _index(shape: tuple, key, where: str):
     partially-indexed one must be narrowed to one element (an int, or a slice of length 1).
     `t[1:3]`, `t[2, 4:8]` and `t[0:1, 4:8]` are views; `t[:, 0]` and `t[:, 1:3]` are not.
     """
+    if type(key) is slice and len(shape) == 1 and key.step is None:  # `t[a:b]` of a 1-D tensor: the commonest
+        start, stop, n = key.start, key.stop, shape[0]
+        if type(start) is int and type(stop) is int and 0 <= start <= stop <= n:
+            return start, (stop - start,)
     if type(key) is not tuple:
         key = (key,)
     nk = len(key)
-    if 0 < nk <= len(shape) and all(type(k) is int for k in key[:-1]):
+    if 0 < nk <= len(shape):
         # fast path, the commonest views: ints, then an int or a non-negative step-1 slice, then whole axes
-        # (`t[i]`, `t[i, j]`, `t[i, a:b]`) — always one contiguous run
+        # (`t[i]`, `t[i, j]`, `t[i, a:b]`) — always one contiguous run; anything else takes the general path
         last, n = key[-1], shape[nk - 1]
         if type(last) is int:
             start, count = None, None
@@ -241,10 +248,13 @@ def _index(shape: tuple, key, where: str):
             start = 0 if last.start is None else last.start
             count = max(0, (n if last.stop is None else last.stop) - start)
         else:
-            nk = 0  # anything else: the general path below
+            nk = 0
         off = 0
         for ax in range(nk - 1):
             i, m = key[ax], shape[ax]
+            if type(i) is not int:
+                nk = 0
+                break
             if not -m <= i < m:
                 raise BoundsError(f"index {i} is out of bounds for axis {ax} with length {m}", where=where)
             off = off * m + i % m

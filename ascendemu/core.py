@@ -32,6 +32,22 @@ from .vector import VectorInstructions
 
 
 _PIPE_S = int(Pipe.PIPE_S)
+
+
+# per event: its pipes, and the instruction names of set_flag / wait_flag per (event, id), made once rather than
+# per flag (Enum attribute access and f-strings are slow next to the rest of a flag's bookkeeping)
+_SRC_PIPE = {e: e.value[0] for e in HardEvent}
+_DST_PIPE = {e: e.value[1] for e in HardEvent}
+_SET_NAMES: dict = {}
+_WAIT_NAMES: dict = {}
+_F32 = np.dtype(np.float32)
+_SCALARS: dict = {}  # (dtype, float) → the scalar operand rounded via fp32 to dtype (kernels reuse a few values)
+
+
+def _what(what) -> str:
+    """An operand's name for an error message: a string, or a tuple of strings joined by spaces."""
+    return " ".join(what) if isinstance(what, tuple) else what
+
 _BARRIER_NAMES = {p: f"pipe_barrier {p.short}" for p in Pipe}
 
 
@@ -112,15 +128,20 @@ class Core:
         env = self.env
         if (gm is not None or xfer is not None) and env is not None:
             env.sched.yield_if_behind()
+        # (hot: one call per instruction, so plain comparisons instead of max() on a few ints)
         t = self.scalar_t
         q = self.queues[p]
         if len(q) == q.maxlen and q[0] > t:  # queue full: the scalar stalls until the oldest entry starts
             t = q[0]
+        pipe_free = self.pipe_free
+        free = pipe_free[p]
         if p == _PIPE_S:
-            start = max(t, not_before)
+            start = t if t >= not_before else not_before
             self.scalar_t = start + cycles
         else:
-            start = max(t, self.pipe_free[p], not_before)
+            start = t if t >= free else free
+            if not_before > start:
+                start = not_before
             self.scalar_t = t + self.spec.scalar_issue_cycles
         if gm is not None:
             head, nbytes, rate = gm
@@ -131,7 +152,8 @@ class Core:
         elif xfer is not None:
             cycles = xfer(start) - start
         end = start + cycles
-        self.pipe_free[p] = max(self.pipe_free[p], end)
+        if end > free:
+            pipe_free[p] = end
         q.append(start)
         st = self.stats
         st.busy[p] += cycles
@@ -154,15 +176,26 @@ class Core:
         (nothing is silently wrapped)."""
         if dt.kind in "iu":
             if isinstance(value, float) and not float(value).is_integer():
-                raise ParamError(f"{what}: {value!r} is not an integer, and the operand is {dtype_name(dt)}",
+                raise ParamError(f"{_what(what)}: {value!r} is not an integer, and the operand is {dtype_name(dt)}",
                                  where=self.label)
             v = int(value)
             info = np.iinfo(dt)
             if not info.min <= v <= info.max:
-                raise ParamError(f"{what}: {v} does not fit {dtype_name(dt)} [{info.min}, {info.max}]",
+                raise ParamError(f"{_what(what)}: {v} does not fit {dtype_name(dt)} [{info.min}, {info.max}]",
                                  where=self.label)
             return np.array(v).astype(dt)
-        return np.array(value, np.float64).astype(np.float32).astype(dt)
+        key = (dt, value)
+        got = _SCALARS.get(key) if type(value) is float and value != 0.0 else None  # (±0.0 compare equal: not cached)
+        if got is None:
+            got = np.array(value, np.float64).astype(np.float32)
+            if dt != _F32:
+                got = got.astype(dt)
+            if type(value) is float and value != 0.0:
+                got.flags.writeable = False  # shared by every instruction that uses this value
+                if len(_SCALARS) >= 1 << 16:
+                    _SCALARS.clear()
+                _SCALARS[key] = got
+        return got
 
     def check_atomic(self, dst_dtype, what: str) -> bool:
         """At issue, in both modes: under SetAtomicAdd a move into GM adds in the atomic dtype, which must be the
@@ -182,24 +215,29 @@ class Core:
         self.stats.bytes[path] = self.stats.bytes.get(path, 0) + nbytes
 
     # --- helpers for the instruction sets ----------------------------------------------------
-    def local(self, t, kinds, what: str) -> LocalTensor:
-        """Check that `t` is a LocalTensor of this core in one of `kinds`."""
+    def local(self, t, kinds, what) -> LocalTensor:
+        """Check that `t` is a LocalTensor of this core in one of `kinds`. `what` names the operand in errors: a
+        string, or a tuple of strings joined by spaces (hot callers pass (instruction, role) and save building
+        a string that is only needed when something is wrong)."""
         if not isinstance(t, LocalTensor):
-            raise DTypeError(f"{what} must be a LocalTensor in {'/'.join(kinds)}, got {type(t).__name__}",
+            raise DTypeError(f"{_what(what)} must be a LocalTensor in {'/'.join(kinds)}, got {type(t).__name__}",
                              where=self.label)
-        if t.kind not in kinds:
-            raise ParamError(f"{what} is in {t.kind}; expected {'/'.join(kinds)}", where=self.label)
-        if self.buffers.get(t.kind) is not t.buffer:
-            if t.buffer.where == self.label:
-                raise ParamError(f"{what} belongs to an earlier block or launch of {self.label}; local tensors do "
-                                 f"not outlive their block", where=self.label)
-            raise ParamError(f"{what} belongs to {t.buffer.where}, not to {self.label}", where=self.label)
+        buf = t.buffer
+        kind = buf.kind
+        if kind not in kinds:
+            raise ParamError(f"{_what(what)} is in {kind}; expected {'/'.join(kinds)}", where=self.label)
+        if self.buffers.get(kind) is not buf:
+            if buf.where == self.label:
+                raise ParamError(f"{_what(what)} belongs to an earlier block or launch of {self.label}; local "
+                                 f"tensors do not outlive their block", where=self.label)
+            raise ParamError(f"{_what(what)} belongs to {buf.where}, not to {self.label}", where=self.label)
         return t
 
-    def span(self, t, first: int, last_end: int, what: str):
-        """Byte region (buffer, start, end) of elements [first, last_end) of `t`, bounds-checked."""
+    def span(self, t, first: int, last_end: int, what):
+        """Byte region (buffer, start, end) of elements [first, last_end) of `t`, bounds-checked (`what`: as for
+        `local`)."""
         if first < 0 or last_end > t.size or last_end < first:
-            raise BoundsError(f"{what} touches elements [{first}, {last_end}) of a {t.size}-element "
+            raise BoundsError(f"{_what(what)} touches elements [{first}, {last_end}) of a {t.size}-element "
                               f"{t.kind} tensor {t.shape}", where=self.label)
         isz = t.dtype.itemsize
         return (t.buffer, t.offset + first * isz, t.offset + last_end * isz)
@@ -301,8 +339,12 @@ class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, Fixpipe
             raise SyncError(f"set_flag({event.name}, {event_id}) while it is already set (at "
                             f"{ln.short if ln else '?'}) and not yet waited on: undefined on hardware",
                             where=core.label)
-        start = core.issue(f"set_flag {event.name}[{event_id}]", event.src, 0)
-        clock = core.race.snapshot(int(event.src)) if core.race else None
+        name = _SET_NAMES.get(key)
+        if name is None:
+            name = _SET_NAMES[key] = f"set_flag {event.name}[{key[1]}]"
+        src = _SRC_PIPE[event]
+        start = core.issue(name, src, 0)
+        clock = core.race.snapshot(int(src)) if core.race else None
         core.flags[key] = (start + self.spec.flag_latency_cycles, clock, caller_line())
 
     def wait_flag(self, event: HardEvent, event_id: int = 0) -> None:
@@ -313,9 +355,13 @@ class CoreContext(DmaInstructions, VectorInstructions, CubeInstructions, Fixpipe
             raise SyncError(f"wait_flag({event.name}, {event_id}) has no earlier set_flag: it would hang on hardware",
                             where=core.label)
         t, clock, _ = core.flags.pop(key)
+        dst = _DST_PIPE[event]
         if core.race:
-            core.race.merge(int(event.dst), clock)
-        core.issue(f"wait_flag {event.name}[{event_id}]", event.dst, 0, not_before=t)
+            core.race.merge(int(dst), clock)
+        name = _WAIT_NAMES.get(key)
+        if name is None:
+            name = _WAIT_NAMES[key] = f"wait_flag {event.name}[{key[1]}]"
+        core.issue(name, dst, 0, not_before=t)
 
     def pipe_barrier(self, pipe: Pipe) -> None:
         """`PipeBarrier<pipe>()`. PIPE_ALL: every pipe drains before anything later starts.

@@ -54,14 +54,20 @@ def vector(spec: Spec, op_class: str, itemsize: int, repeats: int) -> int:
         return spec.vector_head_cycles + repeats * per
     if op_class == "brcb":  # Brcb consumes 8 input elements per repeat
         return spec.vector_head_cycles + ceil_div(repeats * 8, spec.vec_brcb_in_elems_per_cycle)
-    rate = {
-        "simple": spec.vec_simple_b16_elems_per_cycle if itemsize <= 2 else spec.vec_simple_b32_elems_per_cycle,
-        "transcendental": spec.vec_transcendental_elems_per_cycle,
-        "cast": spec.vec_cast_elems_per_cycle,
-        "cast_b8": spec.vec_cast_b8_elems_per_cycle,
-        "cast_b64": spec.vec_cast_b64_elems_per_cycle,
-        "gather": spec.vec_gather_elems_per_cycle,
-    }[op_class]
+    if op_class == "simple":  # (an if-chain, not a dict built per call: this runs for every vector instruction)
+        rate = spec.vec_simple_b16_elems_per_cycle if itemsize <= 2 else spec.vec_simple_b32_elems_per_cycle
+    elif op_class == "transcendental":
+        rate = spec.vec_transcendental_elems_per_cycle
+    elif op_class == "cast":
+        rate = spec.vec_cast_elems_per_cycle
+    elif op_class == "cast_b8":
+        rate = spec.vec_cast_b8_elems_per_cycle
+    elif op_class == "cast_b64":
+        rate = spec.vec_cast_b64_elems_per_cycle
+    elif op_class == "gather":
+        rate = spec.vec_gather_elems_per_cycle
+    else:
+        raise KeyError(op_class)
     return spec.vector_head_cycles + ceil_div(repeats * lanes, rate)
 
 

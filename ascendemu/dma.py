@@ -10,7 +10,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import costs
-from .buffers import LocalTensor
+from .buffers import BUFFER_KINDS, LocalTensor
 from .errors import AlignmentError, BoundsError, DTypeError, ParamError
 from .gm import GlobalTensor
 from .numerics import dtype_name
@@ -38,6 +38,7 @@ LOAD_PATHS = {
 }
 PAD_PATHS = {("GM", "UB"): PATHS[("GM", "UB")], ("GM", "L1"): PATHS[("GM", "L1")],
              ("UB", "GM"): PATHS[("UB", "GM")]}
+_PATH_NAMES = {(a, b): f"{a}->{b}" for a in ("GM", *BUFFER_KINDS) for b in ("GM", *BUFFER_KINDS)}  # count_bytes keys
 _NO_PATH = {
     ("L0C", "UB"): "L0C→UB does not exist on 910B/910C (950 only); use fixpipe to GM",
     ("L1", "UB"): "L1→UB does not exist on 910B/910C; go through GM",
@@ -64,7 +65,7 @@ class DmaInstructions:
             if t.gm is not core.gm:
                 raise ParamError(f"{what} is in another die's GM", where=core.label)
             return t
-        return core.local(t, tuple(core.buffers), what)
+        return core.local(t, core.buffers, what)
 
     def _path(self, src, dst, table, name):
         key = (src.kind, dst.kind)
@@ -75,9 +76,11 @@ class DmaInstructions:
         raise ParamError(f"{name}: no {key[0]}→{key[1]} path{': ' + why if why else ''}; supported: {ok}",
                          where=self._core.label)
 
-    def _region(self, t, start_byte: int, end_byte: int, what: str):
-        """A race region (local) after a bounds check; GM regions are only bounds-checked."""
+    def _region(self, t, start_byte: int, end_byte: int, what):
+        """A race region (local) after a bounds check; GM regions are only bounds-checked. (`what`: a string, or
+        a tuple of strings joined by spaces, made into a message only on an error.)"""
         if start_byte < 0 or end_byte > t.nbytes:
+            what = " ".join(what) if isinstance(what, tuple) else what
             raise BoundsError(f"{what} touches bytes [{start_byte}, {end_byte}) of a {t.nbytes} B {t.kind} "
                               f"tensor {t.shape} {dtype_name(t.dtype)}", where=self._core.label)
         if isinstance(t, LocalTensor):
@@ -89,8 +92,9 @@ class DmaInstructions:
             return t.buffer.data, t.offset
         return t._data(), t.offset
 
-    def _check_align(self, t, align: int, what: str):
+    def _check_align(self, t, align: int, what):
         if isinstance(t, LocalTensor) and t.offset % align:
+            what = " ".join(what) if isinstance(what, tuple) else what
             raise AlignmentError(f"{what}: {t.kind} address {t.offset:#x} is not {align} B aligned",
                                  where=self._core.label)
 
@@ -113,8 +117,12 @@ class DmaInstructions:
         dst_end = dst_first + (blocks - 1) * dst_pitch + width if blocks else dst_first
         if dst.kind == "GM":
             core.check_atomic(dst.dtype, name)
-        reads = self._region(src, src_first, src_end, f"{name} source") + list(extra_reads)
-        writes = self._region(dst, dst_first, dst_end, f"{name} destination") + list(extra_writes)
+        reads = self._region(src, src_first, src_end, (name, "source"))
+        writes = self._region(dst, dst_first, dst_end, (name, "destination"))
+        if extra_reads:
+            reads += extra_reads
+        if extra_writes:
+            writes += extra_writes
         nbytes = blocks * width
         if not blocks:
             core.issue(name, pipe, 0, reads, writes)
@@ -123,7 +131,7 @@ class DmaInstructions:
                        gm=costs.gm_transfer(self.spec, costs.gm_charged_bytes(self.spec, width, blocks), rate))
         else:
             core.issue(name, pipe, costs.local_move(self.spec, nbytes, rate), reads, writes)
-        core.count_bytes(f"{src.kind}->{dst.kind}", nbytes)
+        core.count_bytes(_PATH_NAMES[(src.kind, dst.kind)], nbytes)
         if self.functional and blocks and width:
             sd, so = self._bytes_of(src)
             dd, do = self._bytes_of(dst)
@@ -136,19 +144,18 @@ class DmaInstructions:
         L1→BT/FB), or `DataCopy(dst_l1, src_gm, Nd2NzParams)` (ND→NZ). Without a count, the whole of
         `src` is copied. A count whose bytes are not a multiple of 32 is an error (the hardware would
         round it down): use data_copy_pad."""
-        if not isinstance(count_or_params, Nd2NzParams) and all(
-                isinstance(t, (GlobalTensor, LocalTensor)) for t in (src, dst)):
-            self._path(src, dst, PATHS, "data_copy")  # first, so UB→L1 / L0C→UB say why they do not exist
+        nd2nz = isinstance(count_or_params, Nd2NzParams)
+        if not nd2nz and isinstance(src, (GlobalTensor, LocalTensor)) and isinstance(dst, (GlobalTensor, LocalTensor)):
+            path = self._path(src, dst, PATHS, "data_copy")  # first, so UB→L1 / L0C→UB say why they do not exist
         src = self._operand(src, "data_copy source")
         dst = self._operand(dst, "data_copy destination")
-        if isinstance(count_or_params, Nd2NzParams):
+        if nd2nz:
             return self._nd2nz(dst, src, count_or_params)
-        path = self._path(src, dst, PATHS, "data_copy")
         if src.dtype != dst.dtype:
             raise DTypeError(f"data_copy does not convert: source is {dtype_name(src.dtype)}, destination "
                              f"{dtype_name(dst.dtype)}", where=self._core.label)
-        for t, what in ((src, "source"), (dst, "destination")):
-            self._check_align(t, BLK, f"data_copy {what}")
+        self._check_align(src, BLK, ("data_copy", "source"))
+        self._check_align(dst, BLK, ("data_copy", "destination"))
         if isinstance(count_or_params, DataCopyParams):
             p = count_or_params
             if not (0 <= p.block_count <= 4095 and 0 <= p.block_len <= 65535 and 0 <= p.src_stride <= 65535

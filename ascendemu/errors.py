@@ -12,17 +12,26 @@ from __future__ import annotations
 import linecache
 import os
 import sys
-from dataclasses import dataclass
 
 _MACHINE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
-@dataclass(frozen=True)
-class SourceLine:
-    """A kernel source location: the innermost frame outside the machine package."""
+class SourceLine(tuple):
+    """A kernel source location (filename, lineno): the innermost frame outside the machine package. (A plain
+    tuple underneath, made without a Python-level constructor: set_flag records one per flag.)"""
 
-    filename: str
-    lineno: int
+    __slots__ = ()
+
+    def __new__(cls, filename: str, lineno: int):
+        return _new_tuple(cls, (filename, lineno))
+
+    @property
+    def filename(self) -> str:
+        return self[0]
+
+    @property
+    def lineno(self) -> int:
+        return self[1]
 
     @property
     def short(self) -> str:
@@ -41,23 +50,30 @@ class SourceLine:
     def __str__(self) -> str:
         return self.short
 
+    def __repr__(self) -> str:
+        return f"SourceLine({self.filename!r}, {self.lineno})"
 
+
+_new_tuple = tuple.__new__
 _IN_MACHINE: dict[str, str | None] = {}  # code filename → its absolute path, or None inside the machine
+_UNSEEN = object()
 
 
 def caller_line() -> SourceLine | None:
-    """The innermost stack frame whose file is not part of the machine (`ascendemu/`)."""
+    """The innermost stack frame whose file is not part of the machine (`ascendemu/`). (Hot: set_flag records
+    one per flag, so that a sync error can name the line that set it.)"""
     frame = sys._getframe(1)
+    seen = _IN_MACHINE.get
     while frame is not None:
         fn = frame.f_code.co_filename
-        if fn not in _IN_MACHINE:
+        path = seen(fn, _UNSEEN)
+        if path is _UNSEEN:
             path = os.path.abspath(fn)
             # the machine is the package's own modules; ascendemu/ops and ascendemu/layouts (where an
             # installed copy puts them) are kernel and format code, whose lines errors must show
-            _IN_MACHINE[fn] = None if os.path.dirname(path) == _MACHINE_DIR else path
-        path = _IN_MACHINE[fn]
+            path = _IN_MACHINE[fn] = None if os.path.dirname(path) == _MACHINE_DIR else path
         if path is not None:
-            return SourceLine(path, frame.f_lineno)
+            return _new_tuple(SourceLine, (path, frame.f_lineno))
         frame = frame.f_back
     return None
 

@@ -31,11 +31,12 @@ _FREE, _ALLOCATED, _QUEUED, _DEQUEUED, _RELEASED = "free", "allocated", "enqueue
 
 
 class _Slot:
-    __slots__ = ("tensor", "state", "enque_id", "free_id", "view")
+    __slots__ = ("tensor", "state", "enque_id", "free_id", "view", "typed")
 
     def __init__(self, tensor, enque_id, free_id):
         self.tensor, self.state, self.enque_id, self.free_id = tensor, _FREE, enque_id, free_id
         self.view = tensor  # the typed tensor last handed out or enqueued (what deque() returns)
+        self.typed = {}  # dtype as asked for → the whole slot as that dtype (views are immutable: made once)
 
 
 class TQue:
@@ -80,8 +81,13 @@ class TQue:
         if s.state == _RELEASED:
             ctx.wait_flag(self.free_event, s.free_id)
         s.state = _ALLOCATED
-        dt = machine_dtype(dtype, self._ctx()._core.label)
-        base = s.tensor.reinterpret_cast(dt)
+        try:
+            base = s.typed.get(dtype)
+        except TypeError:  # not hashable, so not a dtype: machine_dtype says so below
+            base = None
+        if base is None:
+            base = s.tensor.reinterpret_cast(machine_dtype(dtype, ctx._core.label))
+            s.typed[dtype] = base
         s.view = base if shape is None else base[: _count(shape)].reshape(shape)
         return s.view
 
@@ -93,7 +99,7 @@ class TQue:
         if len(self._fifo) >= self.depth:
             raise SyncError(f"enque: TQue({self.position.name}) depth {self.depth} is full; deque first",
                             where=self._where())
-        self._ctx().set_flag(self.enque_event, s.enque_id)
+        self.pipe.ctx.set_flag(self.enque_event, s.enque_id)
         s.state = _QUEUED
         s.view = tensor
         self._fifo.append(s)
@@ -106,7 +112,7 @@ class TQue:
             raise SyncError(f"deque: TQue({self.position.name}) is empty: it would hang on hardware",
                             where=self._where())
         s = self._fifo.popleft()
-        self._ctx().wait_flag(self.enque_event, s.enque_id)
+        self.pipe.ctx.wait_flag(self.enque_event, s.enque_id)
         s.state = _DEQUEUED
         if dtype is None and shape is None:
             return s.view
@@ -118,7 +124,7 @@ class TQue:
         s = self._slot_of(tensor, "free_tensor")
         if s.state != _DEQUEUED:
             raise SyncError(f"free_tensor: slot is {s.state}, not dequeued", where=self._where())
-        self._ctx().set_flag(self.free_event, s.free_id)
+        self.pipe.ctx.set_flag(self.free_event, s.free_id)
         s.state = _RELEASED
 
     def _drain(self) -> None:

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import costs
 from .errors import BoundsError, DTypeError, ParamError
-from .numerics import CAST_PAIRS, RoundMode, cast, dtype_name
+from .numerics import CAST_PAIRS, RoundMode, as_dtype, cast, dtype_name
 from .params import BinaryRepeatParams, BrcbRepeatParams, UnaryRepeatParams
 from .pipes import Pipe
 
@@ -71,20 +71,74 @@ def repeat_offsets(repeats, lanes, elems_per_block, blk_stride, rep_stride):
     return out
 
 
-def _span_of_repeats(reps, act, lanes, e, blk, rep):
-    """[lo, hi) of the element offsets `repeat_offsets` gives for the active lanes, in closed form.
+_BITS: dict = {}  # (mask0, mask1, lanes) → the lane bits of a bit mask (kernels reuse a few masks)
 
-    Offsets grow with the repeat (strides are ≥ 0) and a later repeat's active lanes are a subset of
-    the first's (the same mask, or a shorter count), so the minimum is in repeat 0 and the maximum in
-    one of the last two repeats that have an active lane."""
-    if not reps or not act.any():
+
+def _mask_bits(m0: int, m1: int, lanes: int) -> np.ndarray:
+    """bool[lanes]: lane i is active when bit i of [mask0 (lanes 0–63), mask1 (64–127)] is set."""
+    key = (m0, m1, lanes)
+    bits = _BITS.get(key)
+    if bits is None:
+        bits = np.array([(m0 >> i) & 1 for i in range(64)] + [(m1 >> i) & 1 for i in range(64)], bool)[:lanes]
+        bits.flags.writeable = False
+        if len(_BITS) < 4096:
+            _BITS[key] = bits
+    return bits
+
+
+def _active(reps: int, lanes: int, rows) -> np.ndarray:
+    """bool[reps, lanes], the active lanes of each repeat, from `VectorInstructions._lane_rows`'s description."""
+    kind, v = rows
+    if kind == "count":
+        return (np.arange(reps * lanes) < v).reshape(reps, lanes)
+    bits = np.arange(lanes) < v if kind == "prefix" else v
+    return np.broadcast_to(bits, (reps, lanes))
+
+
+def _prefix_max(k: int, e: int, blk: int) -> int:
+    """max over lanes j < k (k ≥ 1) of the in-repeat offset (j // E)·blk·E + j % E."""
+    if blk >= 1:  # non-decreasing in j: the last lane
+        return ((k - 1) // e) * blk * e + (k - 1) % e
+    return min(k, e) - 1  # blk = 0: every block at offset 0
+
+
+def _span_of_repeats(reps, rows, lanes, e, blk, rep):
+    """[lo, hi) of the element offsets `repeat_offsets` gives for the active lanes (`rows` as `_lane_rows` gives
+    it), in closed form.
+
+    Offsets grow with the repeat (strides are ≥ 0) and a later repeat's active lanes are a subset of the first's
+    (the same mask, or a shorter count), so the minimum is in repeat 0 and the maximum in one of the last two
+    repeats that have an active lane. (Hot in timing-only mode: this is all a repeat-form instruction needs of its
+    mask there; tests/test_vector.py checks it against the offsets themselves.)"""
+    kind, v = rows
+    if not reps:
         return 0, 0
-    j = np.arange(lanes)
-    base = (j // e) * blk * e + j % e
-    lo = int(base[act[0]].min())
-    rows = np.flatnonzero(act.any(axis=1))[-2:]  # the last two repeats with an active lane
-    hi = max(int(r) * rep * e + int(base[act[r]].max()) for r in rows)
-    return lo, hi + 1
+    if kind == "bits":
+        if not v.any():
+            return 0, 0
+        j = np.flatnonzero(v)
+        base = (j // e) * blk * e + j % e
+        return int(base.min()), (reps - 1) * rep * e + int(base.max()) + 1
+    if kind == "prefix":
+        k_all = k_last = v
+    else:  # counter mode: every repeat full but the last
+        k_all, k_last = lanes, v - (reps - 1) * lanes
+    hi = (reps - 1) * rep * e + _prefix_max(k_last, e, blk)
+    if reps > 1:
+        hi = max(hi, (reps - 2) * rep * e + _prefix_max(k_all, e, blk))
+    return 0, hi + 1
+
+
+_UB = ("UB",)
+_SCALAR_FNS = {"adds": np.add, "muls": np.multiply, "maxs": np.maximum, "mins": np.minimum}
+_DTYPE_SETS: dict = {}  # a tuple of dtype names → the set of numpy dtypes it names
+
+
+def _dtype_set(names: tuple) -> frozenset:
+    got = _DTYPE_SETS.get(names)
+    if got is None:
+        got = _DTYPE_SETS[names] = frozenset(as_dtype(n) for n in names)
+    return got
 
 
 def _exact(fn, dt):
@@ -92,9 +146,12 @@ def _exact(fn, dt):
     return lambda *xs: fn(*(x.astype(np.float64) for x in xs)).astype(dt)
 
 
+_BINARY_FNS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum, "min": np.minimum}
+
+
 def _binary_fn(name, dt):
-    if name in ("add", "sub", "mul", "max", "min"):
-        f = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "max": np.maximum, "min": np.minimum}[name]
+    f = _BINARY_FNS.get(name)
+    if f is not None:
         return lambda a, b: f(a, b).astype(dt)  # numpy rounds fp16 results to fp16; ints wrap
     if name == "div":
         return _exact(np.divide, dt)
@@ -141,8 +198,11 @@ class VectorInstructions:
         self._core.issue("set_vector_mask", Pipe.PIPE_S, 1)
         self.vector_mask = mask
 
-    def _lane_mask(self, name, mask, repeat_times, lanes):
-        """(repeats, bool[repeats, lanes]) for the repeat form."""
+    def _lane_rows(self, name, mask, repeat_times, lanes):
+        """(repeats, rows) for the repeat form, after checking the mask: `rows` says which lanes of each repeat are
+        active without building the [repeats, lanes] array (timing-only mode never needs it):
+        ("count", n): counter mode, the first n elements over all repeats; ("prefix", k): lanes 0..k−1 of every
+        repeat; ("bits", bool[lanes]): the same bit mask in every repeat."""
         if mask is MASK_PLACEHOLDER:
             if self.vector_mask is None:
                 raise ParamError(f"{name}: MASK_PLACEHOLDER with no set_vector_mask", where=self._core.label)
@@ -154,9 +214,7 @@ class VectorInstructions:
             total = int(mask)
             if total < 0:
                 raise ParamError(f"{name}: negative element count {total} in counter mode", where=self._core.label)
-            reps = -(-total // lanes)
-            act = (np.arange(reps * lanes) < total).reshape(reps, lanes)
-            return reps, act
+            return -(-total // lanes), ("count", total)
         if not 0 <= int(repeat_times) <= self.spec.max_repeat_times:
             raise ParamError(f"{name}: repeat_times {repeat_times} is outside 0..{self.spec.max_repeat_times}",
                              where=self._core.label)
@@ -169,27 +227,33 @@ class VectorInstructions:
             if not (0 <= m0 < 1 << 64 and 0 <= m1 < 1 << 64) or (lanes <= 64 and m1):
                 raise ParamError(f"{name}: bit mask [{m0:#x}, {m1:#x}] does not fit {lanes} lanes",
                                  where=self._core.label)
-            bits = np.array([(m0 >> i) & 1 for i in range(64)] + [(m1 >> i) & 1 for i in range(64)], bool)[:lanes]
-        else:
-            k = int(mask)
-            if not 1 <= k <= lanes:
-                raise ParamError(f"{name}: contiguous mask {k} is outside 1..{lanes} lanes", where=self._core.label)
-            bits = np.arange(lanes) < k
-        return reps, np.broadcast_to(bits, (reps, lanes))
+            return reps, ("bits", _mask_bits(m0, m1, lanes))
+        k = int(mask)
+        if not 1 <= k <= lanes:
+            raise ParamError(f"{name}: contiguous mask {k} is outside 1..{lanes} lanes", where=self._core.label)
+        return reps, ("prefix", k)
+
+    def _lane_mask(self, name, mask, repeat_times, lanes):
+        """(repeats, bool[repeats, lanes]) for the repeat form."""
+        reps, rows = self._lane_rows(name, mask, repeat_times, lanes)
+        return reps, _active(reps, lanes, rows)
 
     def _operands(self, name, tensors, dtypes):
         core = self._core
         out = []
+        block = self.spec.block_bytes
         for t, what in tensors:
-            t = core.local(t, ("UB",), f"{name} {what}")
-            if t.offset % self.spec.block_bytes:
+            t = core.local(t, _UB, (name, what))
+            if t.offset % block:
                 from .errors import AlignmentError
                 raise AlignmentError(f"{name} {what}: UB address {t.offset:#x} is not 32 B aligned", where=core.label)
             out.append(t)
-        for t, (_, what) in zip(out, tensors):
-            if dtypes is not None and dtype_name(t.dtype) not in dtypes:
-                raise DTypeError(f"{name} {what} is {dtype_name(t.dtype)}; {name} takes {', '.join(dtypes)}",
-                                 where=core.label)
+        if dtypes is not None:
+            allowed = _dtype_set(dtypes)
+            for t, (_, what) in zip(out, tensors):
+                if t.dtype not in allowed:
+                    raise DTypeError(f"{name} {what} is {dtype_name(t.dtype)}; {name} takes {', '.join(dtypes)}",
+                                     where=core.label)
         return out
 
     def _check_strides(self, name, strides, reps, dst_blk=True):
@@ -204,9 +268,11 @@ class VectorInstructions:
             raise ParamError(f"{name}: dst_blk_stride 0 is undefined on hardware", where=core.label)
 
     def _same_dtype(self, name, ts):
-        if len({t.dtype for t in ts}) > 1:
-            raise DTypeError(f"{name}: operands differ in dtype ({', '.join(dtype_name(t.dtype) for t in ts)})",
-                             where=self._core.label)
+        dt = ts[0].dtype
+        for t in ts:
+            if t.dtype != dt:
+                raise DTypeError(f"{name}: operands differ in dtype ({', '.join(dtype_name(t.dtype) for t in ts)})",
+                                 where=self._core.label)
 
     # --- the generic elementwise executor ---------------------------------------------------------
     def _elementwise(self, name, op_class, dst, srcs, fn, count, mask, repeat_times, strides, lane_bytes=None,
@@ -215,19 +281,26 @@ class VectorInstructions:
 
         strides: [(blk, rep)] for dst then each src (repeat form only)."""
         core = self._core
-        ops = [dst] + list(srcs)
-        lanes = self.spec.block_bytes * self.spec.repeat_blocks // (lane_bytes or max(t.dtype.itemsize for t in ops))
+        ops = [dst, *srcs]
+        isz = dst.dtype.itemsize
+        for t in srcs:
+            if t.dtype.itemsize > isz:
+                isz = t.dtype.itemsize
+        lanes = self.spec.block_bytes * self.spec.repeat_blocks // (lane_bytes or isz)
         if repeat_times is None:
             n = int(count)
             if n < 0:
                 raise ParamError(f"{name}: negative count {n}", where=core.label)
             reps = -(-n // lanes)
-            regions = [core.span(t, 0, n, f"{name} {'destination' if i == 0 else 'source'}") for i, t in enumerate(ops)]
+            regions = [core.span(dst, 0, n, (name, "destination"))]
+            for t in srcs:
+                regions.append(core.span(t, 0, n, (name, "source")))
             idx = None
         else:
-            reps, act = self._lane_mask(name, mask, repeat_times, lanes)
+            reps, rows = self._lane_rows(name, mask, repeat_times, lanes)
             self._check_strides(name, strides, reps)
             idx = [] if self.functional else None
+            act = _active(reps, lanes, rows) if self.functional else None
             regions = []
             for i, (t, (blk, rep)) in enumerate(zip(ops, strides)):
                 e = self.spec.block_bytes // t.dtype.itemsize
@@ -236,9 +309,9 @@ class VectorInstructions:
                     idx.append(full)
                     lo, hi = (int(full.min()), int(full.max()) + 1) if full.size else (0, 0)
                 else:  # timing only: the same bounds without building every offset
-                    lo, hi = _span_of_repeats(reps, act, lanes, e, blk, rep)
-                regions.append(core.span(t, lo, hi, f"{name} {'destination' if i == 0 else 'source'}"))
-        cycles = costs.vector(self.spec, op_class, cost_itemsize or max(t.dtype.itemsize for t in ops), reps)
+                    lo, hi = _span_of_repeats(reps, rows, lanes, e, blk, rep)
+                regions.append(core.span(t, lo, hi, (name, "destination" if i == 0 else "source")))
+        cycles = costs.vector(self.spec, op_class, cost_itemsize or isz, reps)
         core.issue(name, Pipe.PIPE_V, cycles, reads=regions[1:], writes=regions[:1])
         core.stats.vector_elems += reps * lanes
         if not self.functional:
@@ -323,8 +396,8 @@ class VectorInstructions:
         dst, src = self._operands(name, [(dst, "dst"), (src, "src")], _ARITH)
         self._same_dtype(name, (dst, src))
         dt = dst.dtype
-        s = self._core.scalar(dt, scalar, f"{name} scalar")
-        f = {"adds": np.add, "muls": np.multiply, "maxs": np.maximum, "mins": np.minimum}[name]
+        s = self._core.scalar(dt, scalar, (name, "scalar"))
+        f = _SCALAR_FNS[name]
         count, mask, reps, strides = self._unpack_repeat(args, UnaryRepeatParams, 1)
         self._elementwise(name, "simple", dst, [src], lambda x: f(x, s).astype(dt), count, mask, reps, strides)
 
@@ -520,14 +593,18 @@ class VectorInstructions:
     def _reduce_in(self, name, src, mask, repeat_times, dst_rep_stride, src_blk_stride, src_rep_stride):
         core = self._core
         lanes = 256 // src.dtype.itemsize
-        reps, act = self._lane_mask(name, mask, repeat_times, lanes)
+        reps, rows = self._lane_rows(name, mask, repeat_times, lanes)
         self._check_strides(name, [(src_blk_stride, src_rep_stride)], reps, dst_blk=False)
         if dst_rep_stride < 0:
             raise ParamError(f"{name}: negative dst_rep_stride {dst_rep_stride}", where=core.label)
-        idx = repeat_offsets(reps, lanes, 32 // src.dtype.itemsize, src_blk_stride, src_rep_stride) if reps \
+        e = 32 // src.dtype.itemsize
+        lo, hi = _span_of_repeats(reps, rows, lanes, e, src_blk_stride, src_rep_stride)
+        region = core.span(src, lo, hi, (name, "src"))
+        if not self.functional:  # timing only: the region is all that is needed
+            return reps, None, None, region
+        act = _active(reps, lanes, rows)
+        idx = repeat_offsets(reps, lanes, e, src_blk_stride, src_rep_stride) if reps \
             else np.zeros((0, lanes), np.int64)
-        region = core.span(src, int(idx[act].min()) if act.any() else 0,
-                           int(idx[act].max()) + 1 if act.any() else 0, f"{name} src")
         return reps, act, idx, region
 
     def whole_reduce_sum(self, dst, src, mask, repeat_times, dst_rep_stride=1, src_blk_stride=1, src_rep_stride=8):
@@ -536,11 +613,11 @@ class VectorInstructions:
         self._same_dtype("whole_reduce_sum", (dst, src))
         reps, act, idx, region = self._reduce_in("whole_reduce_sum", src, mask, repeat_times, dst_rep_stride,
                                                 src_blk_stride, src_rep_stride)
-        out = np.arange(reps) * dst_rep_stride
-        w = self._core.span(dst, 0, int(out.max()) + 1 if reps else 0, "whole_reduce_sum dst")
+        w = self._core.span(dst, 0, (reps - 1) * dst_rep_stride + 1 if reps else 0, "whole_reduce_sum dst")
         self._core.issue("whole_reduce_sum", Pipe.PIPE_V, costs.vector(self.spec, "whole_reduce", src.dtype.itemsize, reps),
                          reads=[region], writes=[w])
         if self.functional and reps:
+            out = np.arange(reps) * dst_rep_stride
             vals = np.where(act, src.flat_view(0, src.size)[np.where(act, idx, 0)], 0).astype(src.dtype)
             dst.flat_view(0, dst.size)[out] = _tree_sum(vals, src.dtype)
 
@@ -551,11 +628,11 @@ class VectorInstructions:
         reps, act, idx, region = self._reduce_in(name, src, mask, repeat_times, dst_rep_stride, src_blk_stride,
                                                  src_rep_stride)
         width = 1 if order == ReduceOrder.ORDER_ONLY_VALUE else 2
-        out = np.arange(reps) * dst_rep_stride * width
-        w = self._core.span(dst, 0, int(out.max()) + width if reps else 0, f"{name} dst")
+        w = self._core.span(dst, 0, (reps - 1) * dst_rep_stride * width + width if reps else 0, (name, "dst"))
         self._core.issue(name, Pipe.PIPE_V, costs.vector(self.spec, "whole_reduce", src.dtype.itemsize, reps),
                          reads=[region], writes=[w])
         if self.functional and reps:
+            out = np.arange(reps) * dst_rep_stride * width
             vals = src.flat_view(0, src.size)[np.where(act, idx, 0)].astype(np.float64)
             fill = -np.inf if pick == "max" else np.inf
             vals = np.where(act, vals, fill)
@@ -589,11 +666,11 @@ class VectorInstructions:
         reps, act, idx, region = self._reduce_in(name, src, mask, repeat_times, dst_rep_stride, src_blk_stride,
                                                  src_rep_stride)
         e = 32 // src.dtype.itemsize
-        out = (np.arange(reps)[:, None] * dst_rep_stride * 8 + np.arange(8)[None, :]).reshape(-1)
-        w = self._core.span(dst, 0, int(out.max()) + 1 if reps else 0, f"{name} dst")
+        w = self._core.span(dst, 0, (reps - 1) * dst_rep_stride * 8 + 8 if reps else 0, (name, "dst"))
         self._core.issue(name, Pipe.PIPE_V, costs.vector(self.spec, "block_reduce", src.dtype.itemsize, reps),
                          reads=[region], writes=[w])
         if self.functional and reps:
+            out = (np.arange(reps)[:, None] * dst_rep_stride * 8 + np.arange(8)[None, :]).reshape(-1)
             vals = src.flat_view(0, src.size)[np.where(act, idx, 0)].reshape(reps, 8, e)
             a = act.reshape(reps, 8, e)
             if name == "block_reduce_sum":
@@ -630,13 +707,13 @@ class VectorInstructions:
             raise ParamError(f"brcb: repeat_times {reps} is outside 0..{self.spec.max_repeat_times}", where=core.label)
         self._check_strides("brcb", [(params.dst_blk_stride, params.dst_rep_stride)], reps)
         e = 32 // dst.dtype.itemsize
-        didx = repeat_offsets(reps, 8 * e, e, params.dst_blk_stride, params.dst_rep_stride) if reps else \
-            np.zeros((0, 8 * e), np.int64)
         r_src = core.span(src, 0, 8 * reps, "brcb src")
-        r_dst = core.span(dst, int(didx.min()) if reps else 0, int(didx.max()) + 1 if reps else 0, "brcb dst")
+        r_dst = core.span(dst, *_span_of_repeats(reps, ("prefix", 8 * e), 8 * e, e, params.dst_blk_stride,
+                                                  params.dst_rep_stride), "brcb dst")
         core.issue("brcb", Pipe.PIPE_V, costs.vector(self.spec, "brcb", dst.dtype.itemsize, reps),
                    reads=[r_src], writes=[r_dst])
         if self.functional and reps:
+            didx = repeat_offsets(reps, 8 * e, e, params.dst_blk_stride, params.dst_rep_stride)
             vals = np.repeat(src.flat_view(0, 8 * reps), e)
             dst.flat_view(0, dst.size)[didx.reshape(-1)] = vals
 

@@ -1188,15 +1188,22 @@ def test_error_messages_name_the_kernel_line():
 
 
 @given(reps=st.integers(1, 12), lanes=st.sampled_from([64, 128]), blk=st.integers(0, 20), rep=st.integers(0, 20),
-       counter=st.booleans(), k=st.integers(1, 128), total=st.integers(1, 12 * 128))
-def test_timing_only_bounds_equal_the_full_offsets(reps, lanes, blk, rep, counter, k, total):
-    """Timing-only mode bounds-checks from a closed form; it must equal the bounds of every active offset."""
-    from ascendemu.vector import _span_of_repeats, repeat_offsets
+       kind=st.sampled_from(["count", "prefix", "bits"]), k=st.integers(1, 128), total=st.integers(1, 12 * 128),
+       m0=st.integers(0, 2 ** 64 - 1), m1=st.integers(0, 2 ** 64 - 1))
+def test_timing_only_bounds_equal_the_full_offsets(reps, lanes, blk, rep, kind, k, total, m0, m1):
+    """Timing-only mode bounds-checks from a closed form of the mask; it must equal the bounds of every active
+    offset, for counter-mode counts, contiguous masks and bit masks."""
+    from ascendemu.vector import _active, _mask_bits, _span_of_repeats, repeat_offsets
     e = 8 if lanes == 64 else 16
-    if counter:
+    if kind == "count":
         total = min(total, reps * lanes)
-        act = (np.arange(reps * lanes) < total).reshape(reps, lanes)
+        reps = -(-total // lanes)  # as _lane_rows derives it
+        rows = ("count", total)
+    elif kind == "prefix":
+        rows = ("prefix", min(k, lanes))
     else:
-        act = np.broadcast_to(np.arange(lanes) < min(k, lanes), (reps, lanes))
+        rows = ("bits", _mask_bits(m0, 0 if lanes == 64 else m1, lanes))
+    act = _active(reps, lanes, rows)
     full = repeat_offsets(reps, lanes, e, blk, rep)[act]
-    assert _span_of_repeats(reps, act, lanes, e, blk, rep) == (int(full.min()), int(full.max()) + 1)
+    want = (int(full.min()), int(full.max()) + 1) if full.size else (0, 0)
+    assert _span_of_repeats(reps, rows, lanes, e, blk, rep) == want
