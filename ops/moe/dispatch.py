@@ -22,11 +22,12 @@ Static receive buffer of die d (dispatch): one window per (local slot, source di
 A source writes its i-th copy for (d, slot) into window (slot, source) row i: it knows i from its own routing alone,
 so no source ever needs another's counts and no two writes collide. Metadata, inside the op: once every AIV of the
 source die has its data landed (each AIV fences and counts itself into a local "quiet" word; AIV 0 waits for B, then
-SyncAll — one waiter per counter, the others sleep in SyncAll), AIV b
-writes the source's per-slot counts (int32, one row of `meta_d [N, W]`) to the destinations d ≡ b (mod B) — to every
-die, zeros included, since a receiver cannot know who sends — then fences and atomically adds 1 to d's arrival word.
-A receiver (AIV 0, then SyncAll) waits for N arrivals, reads `meta_d`, and compacts the windows into its outputs grouped by local slot, in
-slot order; within a slot by (source die, source token, k) — the `handle.received(d)` order:
+SyncAll — one waiter per counter, the others sleep in SyncAll), AIV b writes the source's per-slot counts (int32, one
+row of `meta_d [N, W]`) to each of its destinations d ≡ b (mod B) — to every die, zeros included, since a receiver
+cannot know who sends — then fences once and atomically adds 1 to each one's arrival word (one fence for all its
+destinations: every count lands before any of its flags). A receiver (AIV 0, then SyncAll) waits for N arrivals,
+reads `meta_d`, and compacts the windows into its outputs grouped by local slot, in slot order; within a slot by
+(source die, source token, k) — the `handle.received(d)` order:
 
     tokens_d [R_d, H] int8 ← window (slot, src) rows 0..count−1, payloads (strided DataCopy GM→UB, DataCopy UB→GM)
     scales_d [R_d] fp32    ← the same rows' tails (DataCopyPad of 4 B blocks)
@@ -48,7 +49,7 @@ of all K' rows to fp32, k independent Muls (one PipeBarrier after them, not one 
 
 SDMA transport (`transport="sdma"`): the same kernels with bulk copies. Dispatch packs each message into a local send
 buffer laid out like the destination windows (DataCopy UB→GM), SyncAll, then AIV b issues one `sdma_copy` per
-(destination d ≡ b, slot) run, fences, and sends the metadata as above. Combine: AIV b copies, per home h ≡ b and slot,
+(destination d ≡ b, slot) run and sends the metadata as above (its one fence also orders the bulk copies). Combine: AIV b copies, per home h ≡ b and slot,
 the run of rows for h (contiguous in the received order) into h's SDMA window, at the offset the home computes from its
 own routing; the home gathers its K' rows per token from there.
 
@@ -181,7 +182,7 @@ def _plan(placement: ExpertPlacement, ids: list, max_tokens: int):
     n = placement.num_dies
     width = round_up(max(1, max(len(s) for s in placement.slots)), 8)
     plans = [_DiePlan(d, ids[d].shape[0]) for d in range(n)]
-    arrivals = [[] for _ in range(n)]  # per destination: arrays (slot, src, t, col)
+    copies = []  # per source: every copy as (dst, slot, src, t, col)
     shared = placement.shared_remote()
     for s in range(n):
         p = plans[s]
@@ -208,15 +209,16 @@ def _plan(placement: ExpertPlacement, ids: list, max_tokens: int):
         row = row.reshape(t_count, kk)
         p.copies = [tuple(zip(dd[t].tolist(), ds[t].tolist(), row[t].tolist())) for t in range(t_count)]
         tt, cc = np.meshgrid(np.arange(t_count), np.arange(kk), indexing="ij")
-        for d in np.unique(dd):
-            m = dd == d
-            arrivals[d].append(np.stack([ds[m], np.full(m.sum(), s), tt[m], cc[m]], axis=1))
+        copies.append(np.stack([dd.ravel(), ds.ravel(), np.full(dd.size, s), tt.ravel(), cc.ravel()], axis=1))
         p.expected_senders = int(np.unique(dd).size)
+    # every destination's arrivals in received order: by (slot, src, t, col), destinations apart
+    every = np.concatenate(copies).astype(np.int64) if copies else np.zeros((0, 5), np.int64)
+    every = every[np.lexsort(every.T[::-1])]
+    bounds = np.searchsorted(every[:, 0], np.arange(n + 1))
     for d in range(n):
         p = plans[d]
         nslots = len(placement.slots[d])
-        a = np.concatenate(arrivals[d]) if arrivals[d] else np.zeros((0, 4), np.int64)
-        a = a[np.lexsort((a[:, 3], a[:, 2], a[:, 1], a[:, 0]))]
+        a = every[bounds[d]:bounds[d + 1], 1:]  # (slot, src, t, col)
         p.received = a.shape[0]
         p.origin = a[:, 1:].astype(np.int64)
         p.slot_counts = np.bincount(a[:, 0], minlength=nslots).astype(np.int64)
@@ -364,12 +366,12 @@ def fused_dispatch_kernel(ctx, x, recv, send_buf, meta, arrive, quiet, send_coun
             for slot in np.nonzero(plan.send_counts[dst])[0].tolist():
                 c = int(plan.send_counts[dst, slot])
                 ctx.sdma_copy(recv[dst][slot, me, 0:c], send_buf[dst][slot, 0:c])
-            ctx.fence()
         ctx.aiv_direct_write(meta[dst][me], send_counts[dst])
-        ctx.fence()
-        ctx.set_atomic_add("int32")
+    ctx.fence()  # every count (and bulk copy) of this AIV lands before any of its arrival flags
+    ctx.set_atomic_add("int32")
+    for dst in range(b, n, nb):
         ctx.remote_write_flag(arrive[dst], 1)
-        ctx.disable_dma_atomic()
+    ctx.disable_dma_atomic()
     # ---- receive: wait for every source's metadata, check it, compact the windows grouped by slot
     _wait_then_sync(ctx, arrive[me], n, f"metadata from all {n} dies")
     width = cfg["width"]
@@ -431,14 +433,14 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
             ctx.remote_write_flag(arrive[home], 1)
             ctx.disable_dma_atomic()
     else:
-        for r in range(b * plan.received // nb, (b + 1) * plan.received // nb):
-            home, t, col = origin[r].tolist()
+        lo, hi = b * plan.received // nb, (b + 1) * plan.received // nb
+        for r, (home, t, col) in zip(range(lo, hi), origin[lo:hi].tolist()):
             ctx.aiv_direct_write(comb[home][t, col], expert_out[r])
         _quiet(ctx, quiet, nb)
+        ctx.set_atomic_add("int32")
         for home in plan.homes[b::nb]:
-            ctx.set_atomic_add("int32")
             ctx.remote_write_flag(arrive[home], 1)
-            ctx.disable_dma_atomic()
+        ctx.disable_dma_atomic()
     _wait_then_sync(ctx, arrive[me], plan.expected_senders, f"{plan.expected_senders} dies' rows")
     # ---- weighted sum of this die's tokens, in fp32, top-k order, then shared; in column chunks of `cw`
     cw = cfg["chunk"]
@@ -454,6 +456,7 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
     tmp = calc_buffer(pipe, 4 * cw)  # the shared_out row in fp32
     mine = comb[me]
     for t in range(b * plan.tokens // nb, (b + 1) * plan.tokens // nb):
+        w_t = [float(v) for v in weights[t]]  # the token's routing weights, the Muls' scalars
         for c0 in range(0, h, cw):
             w_ = min(cw, h - c0)
             rows_in = in_q.alloc_tensor("bfloat16")
@@ -479,7 +482,7 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
             bar(ctx)
             for col in range(k):
                 row = prod[col * w_:(col + 1) * w_]
-                ctx.muls(acc if col == 0 else row, row, float(weights[t, col]), w_)
+                ctx.muls(acc if col == 0 else row, row, w_t[col], w_)
             bar(ctx)
             for col in range(1, kk):
                 ctx.add(acc, acc, prod[col * w_:(col + 1) * w_], w_)
