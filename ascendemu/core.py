@@ -173,7 +173,8 @@ class Core:
 
     def scalar(self, dt: np.dtype, value, what: str):
         """A scalar operand in dtype `dt`: floats are rounded via fp32 to `dt`; an integer must fit `dt`
-        (nothing is silently wrapped)."""
+        (nothing is silently wrapped). In timing-only mode a Python float or int for a float dtype comes back as
+        given: no data path reads it there."""
         if dt.kind in "iu":
             if isinstance(value, float) and not float(value).is_integer():
                 raise ParamError(f"{_what(what)}: {value!r} is not an integer, and the operand is {dtype_name(dt)}",
@@ -184,6 +185,8 @@ class Core:
                 raise ParamError(f"{_what(what)}: {v} does not fit {dtype_name(dt)} [{info.min}, {info.max}]",
                                  where=self.label)
             return np.array(v).astype(dt)
+        if not self.functional and type(value) in (float, int):
+            return value  # a float operand is only read when data moves, and any float or int is one
         key = (dt, value)
         got = _SCALARS.get(key) if type(value) is float and value != 0.0 else None  # (±0.0 compare equal: not cached)
         if got is None:

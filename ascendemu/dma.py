@@ -58,6 +58,8 @@ class DmaInstructions:
     # --- plumbing ----------------------------------------------------------------------------
     def _operand(self, t, what: str):
         core = self._core
+        if type(t) is LocalTensor and core.buffers.get(t.buffer.kind) is t.buffer:
+            return t  # a local tensor of this core: what local() would return
         if not isinstance(t, (GlobalTensor, LocalTensor)):
             raise DTypeError(f"{what} must be a GlobalTensor or a LocalTensor, got {type(t).__name__}",
                              where=core.label)

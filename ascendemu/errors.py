@@ -25,6 +25,9 @@ class SourceLine(tuple):
     def __new__(cls, filename: str, lineno: int):
         return _new_tuple(cls, (filename, lineno))
 
+    def __getnewargs__(self):  # pickling (an error crossing a process boundary) calls __new__(cls, *these)
+        return tuple(self)
+
     @property
     def filename(self) -> str:
         return self[0]

@@ -26,6 +26,7 @@ class Network:
         self.rdma_rx = [SharedLink(f"die {d} RDMA rx", spec.rdma_port_bytes_per_cycle, w) for d in range(n_dies)]
         self.sdma = [SharedLink(f"die {d} SDMA", spec.sdma_bytes_per_cycle, w) for d in range(n_dies)]
         self.pkg = {}  # (src, dst) → SharedLink, made on first use
+        self._routes = {}  # (src, dst, plane) → route()
 
     def package_of(self, d: int) -> int:
         return d // self.spec.dies_per_package
@@ -34,7 +35,15 @@ class Network:
         return d // self.spec.dies_per_node
 
     def route(self, src: int, dst: int, plane: str = "ub"):
-        """(links, latency cycles, bandwidth factor) of a message from die `src` to die `dst`."""
+        """(links, latency cycles, bandwidth factor) of a message from die `src` to die `dst` (worked out once per
+        pair: every remote write asks)."""
+        key = (src, dst, plane)
+        got = self._routes.get(key)
+        if got is None:
+            got = self._routes[key] = self._route(src, dst, plane)
+        return got
+
+    def _route(self, src: int, dst: int, plane: str):
         s = self.spec
         if plane == "rdma":
             return [self.rdma_tx[src], self.rdma_rx[dst]], s.rdma_latency_cycles, 1.0

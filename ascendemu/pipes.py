@@ -77,6 +77,11 @@ class HardEvent(enum.Enum):
     MTE1_FIX = (Pipe.PIPE_MTE1, Pipe.PIPE_FIX)
     FIX_MTE1 = (Pipe.PIPE_FIX, Pipe.PIPE_MTE1)
 
+    # Members are singletons compared by identity, so they hash by identity too: in C, where Enum's own hash calls
+    # back into Python (every set_flag / wait_flag looks events up a few times). Nothing iterates a set of events
+    # for its logic, so the order of such sets cannot change a result.
+    __hash__ = object.__hash__
+
     @property
     def src(self) -> Pipe:
         return self.value[0]

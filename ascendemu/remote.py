@@ -31,6 +31,9 @@ from .numerics import dtype_name
 from .pipes import Pipe
 
 
+_SEND_PATHS: dict = {}  # (from GM?, destination die) → the byte-count path name of a remote write
+
+
 def _word_key(word: GlobalTensor):
     return (id(word.allocation), word.offset)
 
@@ -130,14 +133,18 @@ class RemoteInstructions:
         def xfer(start):
             t0 = start + head
             end = env.hbm.transfer(t0, nbytes, cap) if from_gm else t0
-            end, arr = (max(end, x) for x in net.send(src_die, dst_die.index, t0, nbytes, cap, plane))
+            sent, arr = net.send(src_die, dst_die.index, t0, nbytes, cap, plane)
+            end, arr = max(end, sent), max(end, arr)
             # the bytes land in the receiver's HBM as they arrive: from the first byte's arrival on
             landed = dst_die.hbm.transfer(t0 + (arr - end), nbytes, cap)
             arrival[0] = max(arr, landed, core.remote_floor)
             return max(end, landed) if dst_die is env.die else end  # a store into its own die's HBM
         core.issue(name, pipe, 0, xfer=xfer, reads=self._remote_reads)
         core.remote_last = max(core.remote_last, arrival[0])
-        core.count_bytes(f"{'GM' if from_gm else 'UB'}->die{dst_die.index}", nbytes)
+        path = _SEND_PATHS.get((from_gm, dst_die.index))
+        if path is None:
+            path = _SEND_PATHS[(from_gm, dst_die.index)] = f"{'GM' if from_gm else 'UB'}->die{dst_die.index}"
+        core.count_bytes(path, nbytes)
         return arrival[0]
 
     _remote_reads = ()

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from . import costs
+from .buffers import LocalTensor
 from .errors import BoundsError, DTypeError, ParamError
 from .numerics import CAST_PAIRS, RoundMode, as_dtype, cast, dtype_name
 from .params import BinaryRepeatParams, BrcbRepeatParams, UnaryRepeatParams
@@ -242,8 +243,10 @@ class VectorInstructions:
         core = self._core
         out = []
         block = self.spec.block_bytes
+        ub = core.buffers.get("UB")
         for t, what in tensors:
-            t = core.local(t, _UB, (name, what))
+            if type(t) is not LocalTensor or t.buffer is not ub:  # (the common case, a UB tensor of this core, is
+                t = core.local(t, _UB, (name, what))             # what local() would return unchanged)
             if t.offset % block:
                 from .errors import AlignmentError
                 raise AlignmentError(f"{name} {what}: UB address {t.offset:#x} is not 32 B aligned", where=core.label)
@@ -292,9 +295,12 @@ class VectorInstructions:
             if n < 0:
                 raise ParamError(f"{name}: negative count {n}", where=core.label)
             reps = -(-n // lanes)
-            regions = [core.span(dst, 0, n, (name, "destination"))]
-            for t in srcs:
-                regions.append(core.span(t, 0, n, (name, "source")))
+            # core.span's regions, inline (the commonest vector form): elements [0, n) of each operand
+            regions = []
+            for i, t in enumerate(ops):
+                if n > t.size:
+                    core.span(t, 0, n, (name, "source" if i else "destination"))  # raises, naming it
+                regions.append((t.buffer, t.offset, t.offset + n * t.dtype.itemsize))
             idx = None
         else:
             reps, rows = self._lane_rows(name, mask, repeat_times, lanes)

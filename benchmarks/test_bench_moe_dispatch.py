@@ -14,7 +14,8 @@ dispatch 7168 + 4 B (INT8 payload + fp32 scale) per received copy, combine 14336
 rank — averaged over ranks; latency = the op's modelled time (the slowest die). DeepEP's published H800 numbers
 (cloudmatrix-design.md §9, README of 2025-03-27: pure RDMA, FP8 dispatch) sit beside them in `extra_info`.
 Race checks and trace events are off (they change no cycle, only host time). Host wall time and process CPU time are
-per op (CPU time is the fair figure on a shared machine).
+per op (CPU time is the fair figure on a shared machine); `instructions_per_die` (dispatch, combine) says what that
+host time was spent on.
 """
 import os
 import time
@@ -68,6 +69,8 @@ def run(ep: int, transport: str = "aiv") -> dict:
         "received_rows_max_mean": (int(recv.max()), round(float(recv.mean()), 1)),
         "host_dispatch_s": round(t1 - t0, 1), "host_combine_s": round(t2 - t1, 1),
         "cpu_dispatch_s": round(c1 - c0, 1), "cpu_combine_s": round(c2 - c1, 1),
+        "instructions_per_die": tuple(round(sum(c.instructions for r in rep.reports for c in r.cores) / ep)
+                                      for rep in (h.report, h.combine_report)),
     }
     if ep in DEEPEP:
         info["deepep_h800"] = dict(zip(("dispatch_us", "dispatch_GBps", "combine_us", "combine_GBps"), DEEPEP[ep]))

@@ -455,10 +455,14 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
     prod = calc_buffer(pipe, 4 * kk * cw)  # the token's K' rows in fp32, weighted in place
     tmp = calc_buffer(pipe, 4 * cw)  # the shared_out row in fp32
     mine = comb[me]
+    row_views = {}  # chunk width → the K' rows of `prod` (the same for every token and every full chunk)
     for t in range(b * plan.tokens // nb, (b + 1) * plan.tokens // nb):
         w_t = [float(v) for v in weights[t]]  # the token's routing weights, the Muls' scalars
         for c0 in range(0, h, cw):
             w_ = min(cw, h - c0)
+            rows = row_views.get(w_)
+            if rows is None:
+                rows = row_views[w_] = [prod[col * w_:(col + 1) * w_] for col in range(kk)]
             rows_in = in_q.alloc_tensor("bfloat16")
             if sdma:
                 for col in range(kk):
@@ -481,11 +485,10 @@ def fused_combine_kernel(ctx, expert_out, comb, arrive, quiet, out, shared_out, 
             in_q.free_tensor(rows_in)
             bar(ctx)
             for col in range(k):
-                row = prod[col * w_:(col + 1) * w_]
-                ctx.muls(acc if col == 0 else row, row, w_t[col], w_)
+                ctx.muls(acc if col == 0 else rows[col], rows[col], w_t[col], w_)
             bar(ctx)
             for col in range(1, kk):
-                ctx.add(acc, acc, prod[col * w_:(col + 1) * w_], w_)
+                ctx.add(acc, acc, rows[col], w_)
                 bar(ctx)
             if shared_out is not None:
                 sh = sh_q.deque()
