@@ -48,6 +48,7 @@ def _what(what) -> str:
     """An operand's name for an error message: a string, or a tuple of strings joined by spaces."""
     return " ".join(what) if isinstance(what, tuple) else what
 
+
 _BARRIER_NAMES = {p: f"pipe_barrier {p.short}" for p in Pipe}
 
 
