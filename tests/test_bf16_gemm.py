@@ -52,12 +52,15 @@ def _plan(die, m, n, k, out="bfloat16", tiles=None, heads=None):
 
 
 def _check_bound(y, a, w):
-    """The stated tolerance against the float64 product rounded once."""
+    """The stated tolerance against the float64 product rounded once: the fp32 accumulation error (one fp32 rounding
+    per 16-wide k-step, twice over for the partial sums) plus one bf16 ulp, at most 2⁻⁷ of the value, because the
+    exact product and the fp32 sum can sit on either side of a bf16 rounding midpoint and round one ulp apart
+    (seed 29519, 11 × 93 × 77: −0.3271485 exact rounds to −0.328125, its fp32 sum to −0.326171875)."""
     a64, w64 = a.astype(np.float64), w.astype(np.float64)
     y64 = round_once(a64 @ w64.T).astype(np.float64)
     s = np.abs(a64) @ np.abs(w64).T
     k = a.shape[1]
-    bound = 2.0 ** -8 * np.abs(y64) + 2 * -(-k // 16) * 2.0 ** -24 * s + 2.0 ** -133
+    bound = 2.0 ** -7 * np.abs(y64) + 2 * -(-k // 16) * 2.0 ** -24 * s + 2.0 ** -133
     assert np.all(np.abs(y.astype(np.float64) - y64) <= bound)
 
 
