@@ -20,7 +20,7 @@ from .checks import Checks
 from .crosscore import CrossCoreInstructions
 from .cube import CubeInstructions
 from .dma import DmaInstructions
-from .errors import BoundsError, DTypeError, EmulatorError, ParamError, SyncError, caller_line
+from .errors import BoundsError, DTypeError, EmulatorError, ParamError, SyncError, caller_line, operand_name
 from .fixpipe import FixpipeInstructions
 from .numerics import dtype_name
 from .pipes import CORE_PIPES, LEGAL_EVENTS, N_PIPES, HardEvent, Pipe
@@ -42,11 +42,6 @@ _SET_NAMES: dict = {}
 _WAIT_NAMES: dict = {}
 _F32 = np.dtype(np.float32)
 _SCALARS: dict = {}  # (dtype, float) → the scalar operand rounded via fp32 to dtype (kernels reuse a few values)
-
-
-def _what(what) -> str:
-    """An operand's name for an error message: a string, or a tuple of strings joined by spaces."""
-    return " ".join(what) if isinstance(what, tuple) else what
 
 
 _BARRIER_NAMES = {p: f"pipe_barrier {p.short}" for p in Pipe}
@@ -178,23 +173,23 @@ class Core:
         given: no data path reads it there."""
         if dt.kind in "iu":
             if isinstance(value, float) and not float(value).is_integer():
-                raise ParamError(f"{_what(what)}: {value!r} is not an integer, and the operand is {dtype_name(dt)}",
-                                 where=self.label)
+                raise ParamError(f"{operand_name(what)}: {value!r} is not an integer, and the operand is "
+                                 f"{dtype_name(dt)}", where=self.label)
             v = int(value)
             info = np.iinfo(dt)
             if not info.min <= v <= info.max:
-                raise ParamError(f"{_what(what)}: {v} does not fit {dtype_name(dt)} [{info.min}, {info.max}]",
+                raise ParamError(f"{operand_name(what)}: {v} does not fit {dtype_name(dt)} [{info.min}, {info.max}]",
                                  where=self.label)
             return np.array(v).astype(dt)
         if not self.functional and type(value) in (float, int):
             return value  # a float operand is only read when data moves, and any float or int is one
-        key = (dt, value)
-        got = _SCALARS.get(key) if type(value) is float and value != 0.0 else None  # (±0.0 compare equal: not cached)
+        key = (dt, value) if type(value) is float and value != 0.0 else None  # (±0.0 compare equal: not cached)
+        got = _SCALARS.get(key) if key is not None else None
         if got is None:
             got = np.array(value, np.float64).astype(np.float32)
             if dt != _F32:
                 got = got.astype(dt)
-            if type(value) is float and value != 0.0:
+            if key is not None:
                 got.flags.writeable = False  # shared by every instruction that uses this value
                 if len(_SCALARS) >= 1 << 16:
                     _SCALARS.clear()
@@ -224,24 +219,24 @@ class Core:
         string, or a tuple of strings joined by spaces (hot callers pass (instruction, role) and save building
         a string that is only needed when something is wrong)."""
         if not isinstance(t, LocalTensor):
-            raise DTypeError(f"{_what(what)} must be a LocalTensor in {'/'.join(kinds)}, got {type(t).__name__}",
-                             where=self.label)
+            raise DTypeError(f"{operand_name(what)} must be a LocalTensor in {'/'.join(kinds)}, got "
+                             f"{type(t).__name__}", where=self.label)
         buf = t.buffer
         kind = buf.kind
         if kind not in kinds:
-            raise ParamError(f"{_what(what)} is in {kind}; expected {'/'.join(kinds)}", where=self.label)
+            raise ParamError(f"{operand_name(what)} is in {kind}; expected {'/'.join(kinds)}", where=self.label)
         if self.buffers.get(kind) is not buf:
             if buf.where == self.label:
-                raise ParamError(f"{_what(what)} belongs to an earlier block or launch of {self.label}; local "
+                raise ParamError(f"{operand_name(what)} belongs to an earlier block or launch of {self.label}; local "
                                  f"tensors do not outlive their block", where=self.label)
-            raise ParamError(f"{_what(what)} belongs to {buf.where}, not to {self.label}", where=self.label)
+            raise ParamError(f"{operand_name(what)} belongs to {buf.where}, not to {self.label}", where=self.label)
         return t
 
     def span(self, t, first: int, last_end: int, what):
         """Byte region (buffer, start, end) of elements [first, last_end) of `t`, bounds-checked (`what`: as for
         `local`)."""
         if first < 0 or last_end > t.size or last_end < first:
-            raise BoundsError(f"{_what(what)} touches elements [{first}, {last_end}) of a {t.size}-element "
+            raise BoundsError(f"{operand_name(what)} touches elements [{first}, {last_end}) of a {t.size}-element "
                               f"{t.kind} tensor {t.shape}", where=self.label)
         isz = t.dtype.itemsize
         return (t.buffer, t.offset + first * isz, t.offset + last_end * isz)

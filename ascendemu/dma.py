@@ -11,7 +11,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import costs
 from .buffers import BUFFER_KINDS, LocalTensor
-from .errors import AlignmentError, BoundsError, DTypeError, ParamError
+from .errors import AlignmentError, BoundsError, DTypeError, ParamError, operand_name
 from .gm import GlobalTensor
 from .numerics import dtype_name
 from .params import DataCopyExtParams, DataCopyPadExtParams, DataCopyParams, LoadData2DParams, Nd2NzParams
@@ -82,7 +82,7 @@ class DmaInstructions:
         """A race region (local) after a bounds check; GM regions are only bounds-checked. (`what`: a string, or
         a tuple of strings joined by spaces, made into a message only on an error.)"""
         if start_byte < 0 or end_byte > t.nbytes:
-            what = " ".join(what) if isinstance(what, tuple) else what
+            what = operand_name(what)
             raise BoundsError(f"{what} touches bytes [{start_byte}, {end_byte}) of a {t.nbytes} B {t.kind} "
                               f"tensor {t.shape} {dtype_name(t.dtype)}", where=self._core.label)
         if isinstance(t, LocalTensor):
@@ -96,7 +96,7 @@ class DmaInstructions:
 
     def _check_align(self, t, align: int, what):
         if isinstance(t, LocalTensor) and t.offset % align:
-            what = " ".join(what) if isinstance(what, tuple) else what
+            what = operand_name(what)
             raise AlignmentError(f"{what}: {t.kind} address {t.offset:#x} is not {align} B aligned",
                                  where=self._core.label)
 

@@ -81,6 +81,12 @@ def caller_line() -> SourceLine | None:
     return None
 
 
+def operand_name(what) -> str:
+    """An operand's name for an error message: a string, or a tuple of strings joined by spaces (hot instruction
+    paths pass (instruction, role) and leave the joining to the rare error)."""
+    return " ".join(what) if isinstance(what, tuple) else what
+
+
 class EmulatorError(Exception):
     """Base class of every error the emulator raises."""
 

@@ -85,23 +85,27 @@ class Scheduler:
         c = _cycle(t.clock_fn() if clock is None else clock)
         heapq.heappush(self.ready, (c * ORDERS + t.order) * SEQS + self._seq)
 
+    def _next_ready(self) -> Task | None:
+        """Pop the runnable task with the earliest key (skipping entries of tasks done or waiting), or None."""
+        ready, tasks = self.ready, self.tasks
+        while ready:
+            t = tasks[heapq.heappop(ready) // SEQS % ORDERS]
+            if not t.done and t.waiting is None:
+                return t
+        return None
+
     # --- called from inside a task ---------------------------------------------------------
     def _pass_on(self) -> None:
         """Switch from the current task straight to the next runnable one (the one `run` would pick), or back to
         `run` when there is none. One greenlet switch instead of two through `run`; the order is the same."""
-        ready, tasks, me = self.ready, self.tasks, self.current
-        while ready:
-            t = tasks[heapq.heappop(ready) // SEQS % ORDERS]
-            if t.done or t.waiting is not None:
-                continue
-            if t is me:
-                return
-            if not t.glet:  # not started yet: `run` starts it (a greenlet started here would stack its frames on ours)
-                self._start = t
-                break
+        t = self._next_ready()
+        if t is self.current:
+            return
+        if t is not None and t.glet:
             self.current = t
             t.glet.switch()
             return
+        self._start = t  # not started yet: `run` starts it (a greenlet started here would stack its frames on ours)
         self.current = None
         self.main.switch()
 
@@ -133,14 +137,12 @@ class Scheduler:
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
-        ready, tasks, pop = self.ready, self.tasks, heapq.heappop
-        while ready or self._start is not None:
-            if self._start is not None:  # the next task, popped by a task that passed on to it
-                t, self._start = self._start, None
-            else:
-                t = tasks[pop(ready) // SEQS % ORDERS]
-                if t.done or t.waiting is not None:
-                    continue
+        while True:
+            t, self._start = self._start, None  # the next task, popped by a task that passed on to it
+            if t is None:
+                t = self._next_ready()
+                if t is None:
+                    break
             self.current = t
             t.glet.switch()
             self.current = None
