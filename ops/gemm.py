@@ -64,7 +64,7 @@ from ascendemu import (DataCopyParams, FixpipeParamsV220, GlobalTensor, HardEven
 from ascendemu.layouts import ceil_div, nd_to_nz, nz_to_nd, round_up
 from ascendemu.numerics import as_dtype, dtype_name
 
-from .rowwise import Staging
+from .rowwise import Staging, check_dtype
 
 FRAC = 16  # rows of a fractal
 BLOCK = 32  # bytes of one fractal row (C0 · element size)
@@ -617,9 +617,7 @@ def check_array(die, x, name: str, dtype: str, shape: tuple, fn: str):
             raise ValueError(f"{fn}: {name} is a GlobalTensor of another die's GM")
     elif not isinstance(x, np.ndarray):
         raise TypeError(f"{fn}: {name} must be a numpy array or a GlobalTensor, got {type(x).__name__}")
-    if not _known(x.dtype) or dtype_name(x.dtype) != dtype:
-        shown = dtype_name(x.dtype) if _known(x.dtype) else str(x.dtype)
-        raise TypeError(f"{fn}: {name} is {shown}; it must be {dtype}")
+    check_dtype(fn, name, x, (dtype,))
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{fn}: {name} has shape {tuple(x.shape)}; expected {tuple(shape)}")
     return x

@@ -65,10 +65,9 @@ import numpy as np
 import ascendemu
 from ascendemu import (BinaryRepeatParams, DataCopyExtParams, DataCopyParams, GlobalTensor, HardEvent, RoundMode,
                        TPosition, TQue)
-from ascendemu.numerics import as_dtype, dtype_name
 
 from ..quant import QMAX, TINY, quantize_per_token_reference
-from ..rowwise import BF16, F32, bar, calc_buffer, cdiv, counter_mode, round_up
+from ..rowwise import BF16, F32, bar, calc_buffer, cdiv, check_dtype, counter_mode, round_up
 from .placement import ExpertPlacement
 
 __all__ = ["SCALE_TAIL_BYTES", "DispatchHandle", "ReceivedTokens", "fused_dispatch", "fused_combine",
@@ -123,12 +122,7 @@ def _check_bf16(op: str, label: str, a, die) -> None:
         raise TypeError(f"{op}: {label} must be a numpy array or a GlobalTensor, got {type(a).__name__}")
     if isinstance(a, GlobalTensor) and a.gm is not die.gm:
         raise ValueError(f"{op}: {label} is a GlobalTensor of another die's GM")
-    try:
-        dt = dtype_name(as_dtype(a.dtype))
-    except TypeError:
-        dt = str(a.dtype)
-    if dt != "bfloat16":
-        raise TypeError(f"{op}: {label} is {dt}; it must be bfloat16")
+    check_dtype(op, label, a, ("bfloat16",))
 
 
 def _check_inputs(op, cluster, x, topk_ids, topk_weights, placement, max_tokens):
